@@ -1,0 +1,396 @@
+"""Teacher -> bank: label R regions of every image once (distributed, resumable).
+
+Work is split by shard. Under ``torchrun`` rank r labels the shards s with ``s % world == r``;
+each shard's crops are batched identically whatever the number of processes, so a bank made
+by N processes is byte-identical to one made by a single process with the same seed. A shard
+is written to a temporary file, renamed, and only then recorded; a killed job rerun with the
+same command skips recorded shards and redoes the rest.
+"""
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from timm_ferkd.bank.format import (
+    MANIFEST_NAME, BankManifest, ShardRecord, TeacherInfo, shard_file_name)
+from timm_ferkd.bank.labels import LABEL_TYPES, index_dtype, quantize, stored_k
+from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, check_region_params, replay_region
+from timm_ferkd.bank.writer import atomic_write_bytes, sha256_file, shard_record_path, write_shard
+from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans
+from timm_ferkd.errors import BankError, ConfigError
+
+__all__ = ['GenerateConfig', 'generate_bank', 'pil_interpolation']
+
+_logger = logging.getLogger(__name__)
+_SETTINGS_NAME = 'generation.json'
+
+_PIL_INTERPOLATION = {
+    'nearest': Image.Resampling.NEAREST, 'bilinear': Image.Resampling.BILINEAR,
+    'bicubic': Image.Resampling.BICUBIC, 'lanczos': Image.Resampling.LANCZOS,
+    'box': Image.Resampling.BOX, 'hamming': Image.Resampling.HAMMING,
+}
+
+
+def pil_interpolation(name: str) -> Image.Resampling:
+    """PIL filter for a timm interpolation name ('bilinear', 'bicubic', ...)."""
+    try:
+        return _PIL_INTERPOLATION[name]
+    except KeyError:
+        raise ConfigError(
+            f'unknown interpolation {name!r}; choose one of {", ".join(_PIL_INTERPOLATION)}') from None
+
+
+@dataclass
+class GenerateConfig:
+    """Options of ``timm-ferkd generate`` (the flag of each field is ``--field-name``).
+
+    ``input_size``, ``interpolation``, ``mean`` and ``std`` default to the teacher's ``pretrained_cfg``.
+    ``batch_size`` counts crops per teacher forward; ``images_per_shard`` sets the unit of work and resume.
+    """
+    model: str
+    output: str
+    dataset: str = ''
+    data_dir: Optional[str] = None
+    split: str = 'train'
+    checkpoint: Optional[str] = None
+    pretrained: bool = False
+    num_classes: Optional[int] = None
+    in_chans: int = 3
+    num_images: Optional[int] = None
+    regions: int = 500
+    topk: int = 5
+    label_type: str = 'marginal_smoothing'
+    temperature: float = 1.0
+    scale: Tuple[float, float] = (0.08, 1.0)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    input_size: Optional[Tuple[int, int, int]] = None
+    interpolation: Optional[str] = None
+    mean: Optional[Tuple[float, ...]] = None
+    std: Optional[Tuple[float, ...]] = None
+    batch_size: int = 256
+    workers: int = 4
+    device: str = 'cuda' if torch.cuda.is_available() else 'cpu'
+    amp: bool = False
+    amp_dtype: str = 'bfloat16'
+    channels_last: bool = False
+    seed: int = 0
+    images_per_shard: int = 1000
+    download: bool = False
+    progress: bool = True
+    extra_dataset_kwargs: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` for option values that cannot work, before anything is written."""
+        check_region_params(self.scale, self.ratio, self.regions)
+        if self.label_type not in LABEL_TYPES:
+            raise ConfigError(f'unknown --label-type {self.label_type!r}; choose one of {", ".join(LABEL_TYPES)}')
+        if self.temperature <= 0:
+            raise ConfigError(f'--temperature {self.temperature} must be > 0')
+        if self.topk < 1:
+            raise ConfigError(f'--topk {self.topk} must be >= 1')
+        if self.batch_size < 1 or self.workers < 0 or self.images_per_shard < 1:
+            raise ConfigError('--batch-size and --images-per-shard must be >= 1, --workers >= 0')
+        if self.num_images is not None and self.num_images < 1:
+            raise ConfigError(f'--num-images {self.num_images} must be >= 1')
+        if self.seed < 0:
+            raise ConfigError(f'--seed {self.seed} must be >= 0')
+        if self.checkpoint is not None and not os.path.isfile(self.checkpoint):
+            raise ConfigError(f'--checkpoint {self.checkpoint} does not exist')
+        if self.amp_dtype not in ('bfloat16', 'float16'):
+            raise ConfigError(f'--amp-dtype {self.amp_dtype!r} must be bfloat16 or float16')
+
+
+class _CropDataset(Dataset):
+    """Item i: all R regions of image i, cropped and resized for the teacher, uint8 [R, C, H, W]."""
+
+    def __init__(self, source: ImageSource, sampler: RegionSampler, regions: int,
+                 size: Tuple[int, int], interpolation: Image.Resampling):
+        self.source = source
+        self.sampler = sampler
+        self.regions = regions
+        self.size = size
+        self.interpolation = interpolation
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        image, target = self.source.load(index)
+        height, width = image.height, image.width
+        regions = self.sampler.sample(index, (height, width), range(self.regions))
+        crops = np.stack([
+            np.asarray(replay_region(image, box, flip, self.size, self.interpolation))
+            for box, flip in zip(regions.boxes, regions.flips)])
+        if crops.ndim == 3:
+            crops = crops[..., None]
+        return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous(), index, target, height, width
+
+
+class _ShardBatches(Sampler):
+    """Batches of image indices that never cross a shard boundary."""
+
+    def __init__(self, shard_ranges: Sequence[Tuple[int, int]], images_per_batch: int):
+        self.batches: List[List[int]] = []
+        for first, count in shard_ranges:
+            for start in range(first, first + count, images_per_batch):
+                self.batches.append(list(range(start, min(start + images_per_batch, first + count))))
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _collate(items):
+    return (torch.cat([i[0] for i in items]), [i[1] for i in items], [i[2] for i in items],
+            [(i[3], i[4]) for i in items])
+
+
+def _distributed() -> Tuple[int, int]:
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world > 1 and not dist.is_initialized():
+        backend = 'nccl' if torch.cuda.is_available() and os.environ.get('FERKD_DIST_BACKEND') != 'gloo' else 'gloo'
+        dist.init_process_group(backend=backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _create_teacher(cfg: GenerateConfig, device: torch.device):
+    import timm
+    try:
+        model = timm.create_model(
+            cfg.model, pretrained=cfg.pretrained, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
+            checkpoint_path=cfg.checkpoint or '')
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise ConfigError(f'unknown --model {cfg.model!r}; list names with timm.list_models()') from None
+        raise ConfigError(f'cannot load teacher {cfg.model} from {cfg.checkpoint}: {str(e).splitlines()[0]}') from None
+    model.eval().to(device)
+    if cfg.channels_last and device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _teacher_info(cfg: GenerateConfig, model) -> TeacherInfo:
+    from timm.data import resolve_data_config
+    data_cfg = resolve_data_config(model=model)
+    input_size = tuple(cfg.input_size or data_cfg['input_size'])
+    if input_size[0] != cfg.in_chans:
+        input_size = (cfg.in_chans,) + tuple(input_size[1:])
+    mean = tuple(cfg.mean or data_cfg['mean'])
+    std = tuple(cfg.std or data_cfg['std'])
+    if len(mean) != cfg.in_chans:
+        mean = (sum(mean) / len(mean),) * cfg.in_chans if len(mean) != 1 else mean * cfg.in_chans
+    if len(std) != cfg.in_chans:
+        std = (sum(std) / len(std),) * cfg.in_chans if len(std) != 1 else std * cfg.in_chans
+    interpolation = cfg.interpolation or data_cfg.get('interpolation', 'bicubic')
+    pil_interpolation(interpolation)
+    return TeacherInfo(
+        model=cfg.model,
+        checkpoint_sha256=sha256_file(cfg.checkpoint) if cfg.checkpoint else None,
+        pretrained=cfg.pretrained,
+        input_size=input_size,
+        interpolation=interpolation,
+        mean=mean,
+        std=std,
+    )
+
+
+def _check_output(out: Path, manifest: BankManifest) -> None:
+    """Refuse to mix two different generations in one directory."""
+    settings_path = out / _SETTINGS_NAME
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f'--output {out} exists and is not a directory')
+    if settings_path.is_file():
+        previous = json.loads(settings_path.read_text())
+        current = json.loads(json.dumps(manifest.settings()))
+        diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        if diff:
+            raise ConfigError(
+                f'--output {out} holds a bank generated with other settings ({", ".join(diff)} differ); '
+                f'rerun with the original flags to resume it, or choose another --output')
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f'--output {out} is not empty and holds no bank generation; choose another --output')
+
+
+def _done_shards(out: Path, manifest: BankManifest) -> dict:
+    done = {}
+    for s in range(manifest.num_shards):
+        record_path = shard_record_path(out, s)
+        if not record_path.is_file():
+            continue
+        try:
+            record = ShardRecord(**json.loads(record_path.read_text()))
+        except (json.JSONDecodeError, TypeError):
+            continue
+        shard_path = out / record.file
+        if shard_path.is_file() and shard_path.stat().st_size == record.bytes and \
+                (record.first_image, record.num_images) == manifest.shard_range(s):
+            done[s] = record
+    return done
+
+
+def generate_bank(cfg: GenerateConfig) -> Path:
+    """Label ``cfg.regions`` regions of every image with the teacher and write a bank to ``cfg.output``.
+
+    Args:
+        cfg: Generation options.
+
+    Returns:
+        The bank directory.
+    """
+    cfg.check()
+    rank, world = _distributed()
+    if cfg.device.startswith('cuda') and world > 1:
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+    else:
+        device = torch.device(cfg.device)
+    source = create_image_source(cfg.dataset, cfg.data_dir, cfg.split, image_mode=image_mode_for_chans(cfg.in_chans),
+                                 download=cfg.download, **cfg.extra_dataset_kwargs)
+    model = _create_teacher(cfg, device)
+    num_classes = model.num_classes
+    if cfg.num_classes is not None and num_classes != cfg.num_classes:
+        raise ConfigError(f'teacher has {num_classes} classes but --num-classes is {cfg.num_classes}')
+    k = stored_k(cfg.label_type, cfg.topk, num_classes)
+    teacher = _teacher_info(cfg, model)
+    identity = source.identity
+    num_images = min(cfg.num_images or identity.num_images, identity.num_images)
+    manifest = BankManifest(
+        num_classes=num_classes, regions_per_image=cfg.regions, topk=k, label_type=cfg.label_type,
+        temperature=cfg.temperature, num_images=num_images, images_per_shard=cfg.images_per_shard,
+        seed=cfg.seed, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), teacher=teacher, dataset=identity,
+        sampler=SAMPLER_NAME, sampler_version=SAMPLER_VERSION,
+        index_dtype=None if cfg.label_type == 'full' else index_dtype(num_classes).name,
+    )
+    out = Path(cfg.output)
+    _check_output(out, manifest)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / _SETTINGS_NAME).is_file():
+            atomic_write_bytes(out / _SETTINGS_NAME, json.dumps(manifest.settings(), indent=2).encode())
+    if world > 1:
+        dist.barrier()
+
+    done = _done_shards(out, manifest)
+    todo = [s for s in range(manifest.num_shards) if s % world == rank and s not in done]
+    if rank == 0 and done:
+        _logger.info(f'resuming: {len(done)} of {manifest.num_shards} shards already done')
+    _label_shards(cfg, manifest, source, model, teacher, device, out, todo, rank, world)
+
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        done = _done_shards(out, manifest)
+        missing = [s for s in range(manifest.num_shards) if s not in done]
+        if missing:
+            raise BankError(f'shards {missing} were not written; rerun the same command to finish the bank')
+        manifest.shards = [done[s] for s in range(manifest.num_shards)]
+        manifest.created = datetime.now(timezone.utc).isoformat(timespec='seconds')
+        atomic_write_bytes(out / MANIFEST_NAME, manifest.to_json().encode())
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+def _label_shards(cfg, manifest, source, model, teacher: TeacherInfo, device, out, todo, rank, world) -> None:
+    size = tuple(teacher.input_size[1:])
+    sampler = RegionSampler(seed=cfg.seed, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio))
+    crops = _CropDataset(source, sampler, cfg.regions, size, pil_interpolation(teacher.interpolation))
+    ranges = [manifest.shard_range(s) for s in todo]
+    images_per_batch = max(1, cfg.batch_size // cfg.regions)
+    loader = DataLoader(
+        crops, batch_sampler=_ShardBatches(ranges, images_per_batch), num_workers=cfg.workers,
+        collate_fn=_collate, pin_memory=device.type == 'cuda',
+        persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None)
+    mean = torch.tensor(teacher.mean, device=device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(teacher.std, device=device).view(1, -1, 1, 1) * 255
+    amp_dtype = torch.bfloat16 if cfg.amp_dtype == 'bfloat16' else torch.float16
+    total_images = sum(count for _, count in ranges) * world
+    progress = None
+    if rank == 0 and cfg.progress and todo:
+        from tqdm import tqdm
+        progress = tqdm(total=total_images, unit='img', desc='generate', dynamic_ncols=True)
+    start = time.perf_counter()
+    labelled = 0
+
+    shard_iter = iter(zip(todo, ranges))
+    current = next(shard_iter, None)
+    pending: List[torch.Tensor] = []
+    pending_count = 0
+    probs_out: List[torch.Tensor] = []
+    meta: List[Tuple[int, int, int, int]] = []
+
+    def forward(batch: torch.Tensor) -> None:
+        x = batch.to(device, non_blocking=True)
+        if cfg.channels_last and device.type == 'cuda':
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = (x.float() - mean) / std
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+            logits = model(x)
+        probs_out.append(F.softmax(logits.float() / cfg.temperature, dim=1).cpu())
+
+    def flush(final: bool) -> None:
+        nonlocal pending, pending_count
+        if not pending:
+            return
+        stacked = torch.cat(pending)
+        usable = stacked.shape[0] if final else (stacked.shape[0] // cfg.batch_size) * cfg.batch_size
+        for start_ in range(0, usable, cfg.batch_size):
+            forward(stacked[start_:start_ + cfg.batch_size])
+        pending = [stacked[usable:]] if usable < stacked.shape[0] else []
+        pending_count = stacked.shape[0] - usable
+
+    for batch, indices, targets, sizes in loader:
+        pending.append(batch)
+        pending_count += batch.shape[0]
+        meta.extend(zip(indices, targets, (s[0] for s in sizes), (s[1] for s in sizes)))
+        if pending_count >= cfg.batch_size:
+            flush(final=False)
+        shard_index, (first, count) = current
+        if meta and meta[-1][0] == first + count - 1:
+            flush(final=True)
+            _write(out, manifest, shard_index, first, meta, torch.cat(probs_out), cfg.label_type)
+            labelled += count
+            probs_out.clear()
+            meta = []
+            current = next(shard_iter, None)
+            if progress is not None:
+                progress.update(count * world)
+                elapsed = time.perf_counter() - start
+                progress.set_postfix(img_s=f'{labelled / elapsed:.1f}', regions_s=f'{labelled * cfg.regions / elapsed:.0f}')
+    if progress is not None:
+        progress.close()
+    elapsed = time.perf_counter() - start
+    if rank == 0 and labelled:
+        _logger.info(f'labelled {labelled} images ({labelled * cfg.regions} regions) on rank 0 in {elapsed:.1f}s: '
+                     f'{labelled / elapsed:.1f} img/s, {labelled * cfg.regions / elapsed:.0f} regions/s')
+
+
+def _write(out: Path, manifest: BankManifest, shard_index: int, first: int, meta, probs: torch.Tensor,
+           label_type: str) -> ShardRecord:
+    n, r = len(meta), manifest.regions_per_image
+    indices, values = quantize(probs, label_type, manifest.topk)
+    tensors = {
+        'image_sizes': np.asarray([[m[2], m[3]] for m in meta], dtype=np.int32),
+        'targets': np.asarray([m[1] for m in meta], dtype=np.int32),
+        'topk_values': values.reshape(n, r, manifest.topk),
+    }
+    if indices is not None:
+        tensors['topk_indices'] = indices.reshape(n, r, manifest.topk)
+    return write_shard(out, shard_index, first, tensors, metadata={
+        'format': 'timm-ferkd-bank-shard', 'first_image': str(first), 'num_images': str(n)})

@@ -1,0 +1,115 @@
+"""Label types: how a teacher's region distribution is stored, and how the dense target returns.
+
+Stored values are always the teacher's probabilities ``softmax(z_T / T)`` sorted in descending
+order, so the first stored value of a region is its max probability (FerKD's confidence ``m``)
+for every label type.
+
+===================== ========= ======================================================
+label type            stored k  dense C-dim target
+===================== ========= ======================================================
+marginal_smoothing    k         top-k values kept; ``1 - sum(topk)`` spread evenly over
+                                the other C - k classes (FKD's ``marginal_smoothing_k``)
+marginal_renorm       k         top-k values kept, zero elsewhere, L1-renormalised
+smoothing             1         top-1 value kept, ``1 - top1`` spread over the other C - 1
+hard                  1         one-hot at the argmax (its probability is kept for ``m``)
+full                  C         the whole distribution, indices implicit (0..C-1)
+===================== ========= ======================================================
+"""
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from timm_ferkd.errors import ConfigError
+
+__all__ = ['LABEL_TYPES', 'stored_k', 'index_dtype', 'quantize', 'dense_targets']
+
+LABEL_TYPES = ('marginal_smoothing', 'marginal_renorm', 'smoothing', 'hard', 'full')
+
+
+def stored_k(label_type: str, topk: int, num_classes: int) -> int:
+    """Number of values stored per region for a label type.
+
+    Args:
+        label_type: One of ``LABEL_TYPES``.
+        topk: Requested k (used by the marginal types).
+        num_classes: Number of classes C.
+
+    Returns:
+        The k stored per region.
+    """
+    if label_type not in LABEL_TYPES:
+        raise ConfigError(f'unknown --label-type {label_type!r}; choose one of {", ".join(LABEL_TYPES)}')
+    if label_type in ('hard', 'smoothing'):
+        return 1
+    if label_type == 'full':
+        return num_classes
+    if not 1 <= topk <= num_classes:
+        raise ConfigError(f'--topk {topk} must lie in [1, num_classes={num_classes}]')
+    return topk
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """Smallest unsigned integer type that holds a class index (uint8 up to 256 classes)."""
+    if num_classes <= 1 << 8:
+        return np.dtype(np.uint8)
+    if num_classes <= 1 << 16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+def quantize(probs: torch.Tensor, label_type: str, k: int) -> Tuple[Optional[np.ndarray], np.ndarray]:
+    """Turn teacher probabilities into what a shard stores.
+
+    Args:
+        probs: [N, C] teacher probabilities.
+        label_type: One of ``LABEL_TYPES``.
+        k: Stored k (``stored_k``).
+
+    Returns:
+        (indices [N, k] in ``index_dtype(C)`` or None for 'full', values [N, k] float16 sorted descending).
+    """
+    num_classes = probs.shape[1]
+    if label_type == 'full':
+        return None, probs.float().cpu().numpy().astype(np.float16)
+    values, indices = torch.topk(probs.float(), k, dim=1, largest=True, sorted=True)
+    return indices.cpu().numpy().astype(index_dtype(num_classes)), values.cpu().numpy().astype(np.float16)
+
+
+def dense_targets(
+        indices: Optional[torch.Tensor],
+        values: torch.Tensor,
+        num_classes: int,
+        label_type: str,
+) -> torch.Tensor:
+    """Recover dense C-dim targets from stored top-k labels.
+
+    Args:
+        indices: [N, k] class indices (None for 'full').
+        values: [N, k] stored probabilities, descending.
+        num_classes: Number of classes C.
+        label_type: One of ``LABEL_TYPES``.
+
+    Returns:
+        float32 [N, C] targets; each row sums to 1.
+    """
+    values = values.float()
+    if label_type == 'full':
+        return values / values.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    n, k = values.shape
+    indices = indices.long()
+    if label_type == 'hard':
+        return torch.zeros(n, num_classes).scatter_(1, indices[:, :1], 1.0)
+    if label_type == 'marginal_renorm':
+        kept = values / values.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.zeros(n, num_classes).scatter_(1, indices, kept)
+    if label_type in ('marginal_smoothing', 'smoothing'):
+        rest = num_classes - k
+        if rest == 0:
+            return torch.zeros(n, num_classes).scatter_(1, indices, values / values.sum(dim=1, keepdim=True))
+        # fp16 rounding can push sum(topk) a hair above 1: never spread negative mass
+        kept = values.clamp(0, 1)
+        kept = kept / kept.sum(dim=1, keepdim=True).clamp_min(1.0)
+        spread = (1.0 - kept.sum(dim=1, keepdim=True)) / rest
+        return spread.expand(n, num_classes).clone().scatter_(1, indices, kept)
+    raise ConfigError(f'unknown label type {label_type!r}; choose one of {", ".join(LABEL_TYPES)}')

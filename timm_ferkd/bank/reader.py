@@ -1,0 +1,224 @@
+"""Memory-mapped bank reader: one image's regions in O(1), safe in DataLoader workers."""
+import os
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from timm_ferkd.bank.format import (
+    MANIFEST_NAME, SAFETENSORS_DTYPES, BankManifest, read_safetensors_header)
+from timm_ferkd.bank.labels import dense_targets
+from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, Regions
+from timm_ferkd.bank.writer import sha256_file
+from timm_ferkd.errors import BankError
+
+__all__ = ['SoftLabelBank', 'open_bank', 'HF_HUB_PREFIX']
+
+HF_HUB_PREFIX = 'hf-hub:'
+
+
+def _expected_shapes(manifest: BankManifest, num_images: int) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    k = manifest.topk
+    shapes = {
+        'image_sizes': ((num_images, 2), 'I32'),
+        'targets': ((num_images,), 'I32'),
+        'topk_values': ((num_images, manifest.regions_per_image, k), 'F16'),
+    }
+    if manifest.label_type != 'full':
+        dtype = {'uint8': 'U8', 'uint16': 'U16', 'int32': 'I32'}[manifest.index_dtype]
+        shapes['topk_indices'] = ((num_images, manifest.regions_per_image, k), dtype)
+    return shapes
+
+
+class _Shard:
+    """Lazily memory-mapped arrays of one shard file."""
+
+    def __init__(self, path: Path, manifest: BankManifest, num_images: int, expected_bytes: int):
+        self.path = path
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise BankError(f'shard {path} is missing; re-download the bank or rerun the generate command') from None
+        if size != expected_bytes:
+            raise BankError(
+                f'shard {path} has {size} bytes, the manifest says {expected_bytes}: it is truncated or '
+                f'corrupt; re-download the bank or regenerate it')
+        header, data_start = read_safetensors_header(path)
+        self.arrays: Dict[str, np.ndarray] = {}
+        for name, (shape, dtype) in _expected_shapes(manifest, num_images).items():
+            info = header.get(name)
+            if info is None or tuple(info['shape']) != shape or info['dtype'] != dtype:
+                found = None if info is None else (tuple(info['shape']), info['dtype'])
+                raise BankError(
+                    f'shard {path}: tensor {name!r} should be {shape} {dtype}, found {found}; '
+                    f'the shard does not belong to this manifest, regenerate or re-download the bank')
+            begin, end = info['data_offsets']
+            np_dtype = np.dtype(SAFETENSORS_DTYPES[dtype])
+            if end - begin != int(np.prod(shape)) * np_dtype.itemsize or data_start + end > size:
+                raise BankError(f'shard {path}: tensor {name!r} has corrupt offsets; regenerate or re-download it')
+            self.arrays[name] = np.memmap(path, dtype=np_dtype, mode='r', offset=data_start + begin, shape=shape)
+
+
+class SoftLabelBank:
+    """Read access to a soft-label bank directory.
+
+    Shards are memory-mapped on first use in each process, so the object pickles cheaply into
+    DataLoader workers (fork or spawn) and every worker maps the files itself.
+
+    Args:
+        path: Bank directory (containing ``manifest.json``).
+        validate: Open and check every shard's header and size now instead of on first use.
+
+    Example:
+        >>> bank = SoftLabelBank('labels/fmnist-resnet')
+        >>> regions = bank.regions(0, [3, 7])           # boxes and flips of two regions of image 0
+        >>> targets = bank.dense_targets(0, [3, 7])     # their [2, C] soft labels
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], validate: bool = False):
+        self.path = Path(path)
+        self.manifest = BankManifest.load(self.path)
+        m = self.manifest
+        if m.sampler != SAMPLER_NAME or m.sampler_version > SAMPLER_VERSION:
+            raise BankError(
+                f'bank {self.path} uses region sampler {m.sampler} v{m.sampler_version}, unknown to this '
+                f'timm-ferkd: upgrade with `pip install -U timm-ferkd`')
+        if len(m.shards) != m.num_shards:
+            raise BankError(
+                f'bank {self.path} lists {len(m.shards)} of its {m.num_shards} shards: it is incomplete; '
+                f'rerun the generate command that made it to finish it')
+        self.sampler = RegionSampler(seed=m.seed, scale=m.scale, ratio=m.ratio, flip_prob=m.flip_prob)
+        self._shards: Dict[int, _Shard] = {}
+        self._pid = os.getpid()
+        if validate:
+            for s in range(m.num_shards):
+                self._shard(s)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_shards'] = {}
+        return state
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f'SoftLabelBank({str(self.path)!r}, images={m.num_images}, regions={m.regions_per_image}, '
+                f'k={m.topk}, label_type={m.label_type!r}, classes={m.num_classes})')
+
+    def __len__(self) -> int:
+        return self.manifest.num_images
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    @property
+    def regions_per_image(self) -> int:
+        return self.manifest.regions_per_image
+
+    def _shard(self, shard_index: int) -> _Shard:
+        if self._pid != os.getpid():
+            # a forked worker must not share the parent's file mappings bookkeeping
+            self._shards, self._pid = {}, os.getpid()
+        shard = self._shards.get(shard_index)
+        if shard is None:
+            record = self.manifest.shards[shard_index]
+            shard = _Shard(self.path / record.file, self.manifest, record.num_images, record.bytes)
+            self._shards[shard_index] = shard
+        return shard
+
+    def _locate(self, image_index: int) -> Tuple[_Shard, int]:
+        if not 0 <= image_index < self.manifest.num_images:
+            raise IndexError(f'image {image_index} outside the bank (0..{self.manifest.num_images - 1})')
+        shard_index, offset = divmod(image_index, self.manifest.images_per_shard)
+        return self._shard(shard_index), offset
+
+    def image_size(self, image_index: int) -> Tuple[int, int]:
+        """Decoded (height, width) of an image when the bank was generated."""
+        shard, i = self._locate(image_index)
+        h, w = shard.arrays['image_sizes'][i]
+        return int(h), int(w)
+
+    def target(self, image_index: int) -> int:
+        """Ground-truth class of an image as recorded at generation."""
+        shard, i = self._locate(image_index)
+        return int(shard.arrays['targets'][i])
+
+    def max_probs(self, image_index: int) -> np.ndarray:
+        """float32 [R]: each region's max teacher probability (FerKD's confidence m)."""
+        shard, i = self._locate(image_index)
+        values = shard.arrays['topk_values'][i]
+        if self.manifest.label_type == 'full':
+            return values.max(axis=1).astype(np.float32)
+        return values[:, 0].astype(np.float32)
+
+    def labels(
+            self,
+            image_index: int,
+            region_ids: Optional[Sequence[int]] = None,
+    ) -> Tuple[Optional[np.ndarray], np.ndarray]:
+        """Stored (indices [n, k] or None for 'full', values [n, k] float16) of some regions of an image."""
+        shard, i = self._locate(image_index)
+        ids = slice(None) if region_ids is None else np.asarray(region_ids, dtype=np.int64)
+        values = np.array(shard.arrays['topk_values'][i, ids])
+        indices = shard.arrays.get('topk_indices')
+        return (None if indices is None else np.array(indices[i, ids])), values
+
+    def regions(self, image_index: int, region_ids: Optional[Sequence[int]] = None) -> Regions:
+        """Pixel boxes and flips of some regions of an image, re-derived from the bank seed."""
+        if region_ids is None:
+            region_ids = range(self.manifest.regions_per_image)
+        return self.sampler.sample(image_index, self.image_size(image_index), region_ids)
+
+    def dense_targets(self, image_index: int, region_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """float32 [n, C] soft labels of some regions of an image (see ``timm_ferkd.bank.labels``)."""
+        indices, values = self.labels(image_index, region_ids)
+        return dense_targets(
+            None if indices is None else torch.from_numpy(indices.astype(np.int64)),
+            torch.from_numpy(values.astype(np.float32)),
+            self.manifest.num_classes,
+            self.manifest.label_type,
+        )
+
+    def all_max_probs(self) -> np.ndarray:
+        """float32 [num_images, R]: max probability of every region (reads the value arrays once)."""
+        out = []
+        for s in range(self.manifest.num_shards):
+            values = self._shard(s).arrays['topk_values']
+            out.append(values.max(axis=2) if self.manifest.label_type == 'full' else values[:, :, 0])
+        return np.concatenate(out).astype(np.float32)
+
+    def verify_checksums(self) -> None:
+        """Recompute every shard's sha256 and compare it with the manifest; raise ``BankError`` on mismatch."""
+        for s, record in enumerate(self.manifest.shards):
+            self._shard(s)
+            digest = sha256_file(self.path / record.file)
+            if digest != record.sha256:
+                raise BankError(
+                    f'shard {self.path / record.file} fails its sha256 check (corrupt); '
+                    f're-download the bank or regenerate it')
+
+    def bytes_on_disk(self) -> int:
+        """Size of the manifest plus all shards."""
+        return (self.path / MANIFEST_NAME).stat().st_size + sum(r.bytes for r in self.manifest.shards)
+
+
+def open_bank(name: Union[str, os.PathLike], validate: bool = False) -> SoftLabelBank:
+    """Open a bank by local path or Hub name (``hf-hub:ORG/NAME[@REVISION]``).
+
+    Args:
+        name: Local bank directory, or a Hub dataset repo with timm's ``hf-hub:`` prefix.
+        validate: Check every shard's header and size now.
+
+    Returns:
+        The bank.
+    """
+    name = str(name)
+    if name.startswith(HF_HUB_PREFIX):
+        from timm_ferkd.bank.hub import resolve_bank
+        path = resolve_bank(name)
+    else:
+        path = Path(name)
+    if not path.exists():
+        raise BankError(f'no bank at {path}: pass a bank directory or an hf-hub:ORG/NAME[@REVISION] name')
+    return SoftLabelBank(path, validate=validate)

@@ -1,0 +1,93 @@
+"""Atomic writes: a shard or manifest either exists whole, with its checksum, or not at all."""
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+from safetensors.numpy import save
+
+from timm_ferkd.bank.format import ShardRecord, shard_file_name
+
+__all__ = ['atomic_write_bytes', 'sha256_file', 'write_shard', 'shard_record_path']
+
+_CHUNK = 1 << 20
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename.
+
+    A reader (or a resumed job) never sees a half-written file: until the rename the old content
+    (or nothing) is there, after it the new content is there whole.
+
+    Args:
+        path: Destination.
+        data: Bytes to write.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; banks are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sha256_file(path: os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_record_path(bank_dir: os.PathLike, shard_index: int) -> Path:
+    """Where generation records a finished shard (``shard-00000.safetensors.json``)."""
+    return Path(bank_dir) / (shard_file_name(shard_index) + '.json')
+
+
+def write_shard(
+        bank_dir: os.PathLike,
+        shard_index: int,
+        first_image: int,
+        tensors: Dict[str, np.ndarray],
+        metadata: Optional[Dict[str, str]] = None,
+) -> ShardRecord:
+    """Write one shard atomically, then its record (size and sha256) atomically.
+
+    The record is written last: a shard counts as done only when its record exists, so a job
+    killed between the two writes redoes the shard.
+
+    Args:
+        bank_dir: Bank directory.
+        shard_index: Shard number.
+        first_image: Index of the shard's first image.
+        tensors: Shard arrays (see ``timm_ferkd.bank.format``).
+        metadata: Extra string metadata for the safetensors header.
+
+    Returns:
+        The shard's record.
+    """
+    data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    name = shard_file_name(shard_index)
+    atomic_write_bytes(Path(bank_dir) / name, data)
+    record = ShardRecord(
+        file=name,
+        first_image=first_image,
+        num_images=int(tensors['targets'].shape[0]),
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    atomic_write_bytes(shard_record_path(bank_dir, shard_index), json.dumps(record.__dict__).encode())
+    return record

@@ -1,0 +1,100 @@
+"""Untransformed access to any timm dataset: decoded images in a fixed colour mode, plus identity."""
+import os
+from typing import Any, Optional, Tuple
+
+from PIL import Image
+
+from timm_ferkd.bank.format import DatasetIdentity
+from timm_ferkd.bank.identity import dataset_identity
+from timm_ferkd.errors import ConfigError
+
+__all__ = ['ImageSource', 'create_image_source', 'image_mode_for_chans']
+
+
+def image_mode_for_chans(in_chans: int) -> str:
+    """PIL mode that feeds a model with ``in_chans`` input channels."""
+    if in_chans == 1:
+        return 'L'
+    if in_chans == 3:
+        return 'RGB'
+    raise ConfigError(f'--in-chans {in_chans} is not supported for image data: use 1 (grayscale) or 3 (RGB)')
+
+
+class ImageSource:
+    """A timm dataset read without transforms: ``load(i)`` gives (decoded image, target).
+
+    Args:
+        dataset: A dataset from ``timm.data.create_dataset``.
+        name: Its timm name.
+        split: Its split.
+        image_mode: PIL mode every image is converted to ('RGB' or 'L').
+    """
+
+    def __init__(self, dataset: Any, name: str, split: str, image_mode: str = 'RGB'):
+        self.dataset = dataset
+        self.name = name
+        self.split = split
+        self.image_mode = image_mode
+        if hasattr(dataset, 'transform'):
+            dataset.transform = None
+        if hasattr(dataset, 'target_transform'):
+            dataset.target_transform = None
+        self._identity: Optional[DatasetIdentity] = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int) -> Tuple[Image.Image, int]:
+        """Decoded image ``index`` in ``image_mode``, and its target."""
+        image, target = self.dataset[index][:2]
+        if not isinstance(image, Image.Image):
+            raise ConfigError(f'dataset {self.name} yields {type(image).__name__}, not images; use an image dataset')
+        if image.mode != self.image_mode:
+            image = image.convert(self.image_mode)
+        return image, int(target)
+
+    @property
+    def identity(self) -> DatasetIdentity:
+        """Identity (size and fingerprint) of the split, computed once."""
+        if self._identity is None:
+            self._identity = dataset_identity(self.dataset, self.name, self.split)
+        return self._identity
+
+
+def create_image_source(
+        name: str,
+        root: Optional[str],
+        split: str = 'train',
+        image_mode: str = 'RGB',
+        download: bool = False,
+        **kwargs: Any,
+) -> ImageSource:
+    """Create an ``ImageSource`` from timm dataset arguments.
+
+    Args:
+        name: timm dataset name: '' or a folder reader for image folders, ``torch/NAME`` for torchvision
+            datasets, ``hfds/NAME`` for Hugging Face datasets.
+        root: Data directory (``--data-dir``).
+        split: Split name (``train``, ``validation``, ...).
+        image_mode: PIL mode of the decoded images.
+        download: Let torchvision datasets download when missing.
+        **kwargs: Passed to ``timm.data.create_dataset``.
+
+    Returns:
+        The source.
+    """
+    from timm.data import create_dataset
+    if root is not None and not name.lower().startswith(('hfds/', 'hfids/')) and not os.path.exists(root):
+        raise ConfigError(f'--data-dir {root} does not exist')
+    try:
+        dataset = create_dataset(name, root=root, split=split, download=download, is_training=False,
+                                 input_img_mode=image_mode, **kwargs)
+    except AssertionError as e:
+        raise ConfigError(f'unknown dataset {name!r}: {e}') from None
+    except (RuntimeError, FileNotFoundError) as e:
+        raise ConfigError(f'cannot open dataset {name!r} in {root}: {str(e).splitlines()[0]}') from None
+    if hasattr(dataset, '__iter__') and not hasattr(dataset, '__getitem__'):
+        raise ConfigError(f'dataset {name!r} is iterable-only; banks need random access (folders, torch/, hfds/)')
+    if len(dataset) == 0:
+        raise ConfigError(f'dataset {name!r} in {root} (split {split}) is empty')
+    return ImageSource(dataset, name=name, split=split, image_mode=image_mode)
