@@ -64,6 +64,11 @@ _PROB_FLOOR = torch.finfo(torch.float32).tiny
 _WEIGHT_SUM_FLOOR = 1e-12
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half/bfloat16 to float32 (teacher scores, norms, logs); keep float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _check_positive(name: str, value: float) -> float:
     if not value > 0:
         raise ConfigError(f'{name} must be > 0, got {value!r}.')
@@ -141,7 +146,7 @@ def _soft_cross_entropy(log_probs: torch.Tensor, soft: torch.Tensor) -> torch.Te
 
 def _stored_teacher_logits(soft: torch.Tensor) -> torch.Tensor:
     """Stored probabilities q as teacher logits log q (softmax(log q) = q for normalised rows)."""
-    return soft.float().clamp_min(_PROB_FLOOR).log()
+    return _at_least_float32(soft).clamp_min(_PROB_FLOOR).log()
 
 
 def retemper_log_probs(soft: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -157,7 +162,7 @@ def retemper_log_probs(soft: torch.Tensor, temperature: float) -> torch.Tensor:
         temperature: Target temperature T > 0.
 
     Returns:
-        Log-probabilities [B, C] in float32.
+        Log-probabilities [B, C], at least float32.
     """
     _check_positive('temperature', temperature)
     return F.log_softmax(_stored_teacher_logits(soft) / temperature, dim=-1)
@@ -200,8 +205,8 @@ def feature_normalized_logits(logits: torch.Tensor, features: torch.Tensor, tau:
     Returns:
         Scaled logits [B, C].
     """
-    norm = features.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return tau * logits.float() / norm
+    norm = _at_least_float32(features).norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return tau * _at_least_float32(logits) / norm
 
 
 def clipped_norm_logits(features: torch.Tensor, classifier: nn.Module, tau: float) -> torch.Tensor:
@@ -390,7 +395,7 @@ class KDLoss(DistillLoss):
             teacher_logits: Optional[torch.Tensor],
     ) -> torch.Tensor:
         if teacher_logits is not None:
-            z_t = teacher_logits.detach().float()
+            z_t = _at_least_float32(teacher_logits.detach())
         else:
             z_t = _stored_teacher_logits(target['soft'])
         if self.probability_shift:
@@ -507,10 +512,10 @@ class DTDLoss(KDLoss):
     @torch.no_grad()
     def sample_weights(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """Difficulty weights w [B] (no gradient)."""
-        logits = logits.float()
+        logits = _at_least_float32(logits)
         if self.weighting == 'confidence':
             return 1.0 / logits.softmax(dim=-1).amax(dim=-1)
-        z_s, z_t = logits, teacher_logits.float()
+        z_s, z_t = logits, _at_least_float32(teacher_logits)
         if self.center_logits:
             z_s = z_s - z_s.mean(dim=-1, keepdim=True)
             z_t = z_t - z_t.mean(dim=-1, keepdim=True)

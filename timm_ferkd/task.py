@@ -109,14 +109,16 @@ class _StudentDistillTask(TrainingTask):
     """Student-side plumbing shared by the offline and online tasks."""
 
     def _setup_student(self, model: nn.Module) -> None:
-        if self.criterion.needs_features:
+        # Loss modules outside timm_ferkd.losses may lack the attributes: assume logits only.
+        self.needs_features = bool(getattr(self.criterion, 'needs_features', False))
+        if self.needs_features:
             _check_feature_support(model, 'student')
             self.trainable_module = StudentFeatureModule(model)
         else:
             self.trainable_module = model
 
     def _forward_student(self, input: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if self.criterion.needs_features:
+        if self.needs_features:
             return self.trainable_module(input)
         return self.trainable_module(input), None
 
@@ -213,7 +215,7 @@ class FerKDTask(_StudentDistillTask):
         self._setup_student(model)
         if self.verbose:
             _logger.info(f'FerKDTask: loss={type(self.criterion).__name__}, '
-                         f'features={self.criterion.needs_features}')
+                         f'features={self.needs_features}')
 
     def forward(
             self,
@@ -289,16 +291,22 @@ class OnlineDistillTask(_StudentDistillTask):
                 device=self.device,
                 dtype=self.dtype,
             )
-        if self.criterion.needs_teacher_features:
+        self.needs_teacher_features = bool(getattr(self.criterion, 'needs_teacher_features', False))
+        if self.needs_teacher_features:
             _check_feature_support(teacher.model, 'teacher')
         teacher.requires_grad_(False)
         self.teacher = teacher.eval()
         self._setup_student(student_model)
 
         # Student normalisation, to re-normalise its input for the teacher (as timm's tasks do).
+        # A student without a pretrained_cfg is taken to share the teacher's normalisation.
+        student_cfg = getattr(student, 'pretrained_cfg', None) or {}
         for name in ('mean', 'std'):
-            value = torch.tensor(student.pretrained_cfg[name], device=self.device, dtype=self.dtype)
-            self.register_buffer(f'student_{name}', value.view(1, -1, 1, 1), persistent=False)
+            if name in student_cfg:
+                value = torch.tensor(student_cfg[name], device=self.device, dtype=self.dtype).view(1, -1, 1, 1)
+            else:
+                value = getattr(teacher, f'{name}_kd').clone()
+            self.register_buffer(f'student_{name}', value, persistent=False)
 
         if self.verbose:
             _logger.info(f'OnlineDistillTask: loss={type(self.criterion).__name__}, '
@@ -313,7 +321,7 @@ class OnlineDistillTask(_StudentDistillTask):
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
         """Compile student paths and the teacher path the loss uses."""
         eval_model = super().compile(backend=backend, mode=mode, **compile_kwargs)
-        features = self.criterion.needs_teacher_features
+        features = self.needs_teacher_features
         self.teacher.compile(
             backend=backend, mode=mode, compile_model=not features, compile_features=features, **compile_kwargs)
         return eval_model
@@ -321,7 +329,7 @@ class OnlineDistillTask(_StudentDistillTask):
     @torch.no_grad()
     def _forward_teacher(self, input: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         input_kd = self.teacher.normalize_input(input, self.student_mean, self.student_std).detach()
-        if not self.criterion.needs_teacher_features:
+        if not self.needs_teacher_features:
             return self.teacher(input_kd), None
         # One teacher pass for both: its logits are its classifier applied to its pre-logits.
         features = self.teacher(input_kd, return_features=True)

@@ -12,6 +12,8 @@ Each shard holds, for its images (n) and the bank's regions per image (R) and st
     targets       int32  [n]        ground-truth class of each image
     topk_values   float16[n, R, k]  teacher probabilities, sorted descending
     topk_indices  uint8/uint16/int32 [n, R, k]  their classes (absent for label type 'full')
+    boxes         float32 [n, R, 4] normalised (top, left, height, width)   only if sampler == 'explicit'
+    flips         uint8   [n, R]                                           only if sampler == 'explicit'
 
 See ``docs/bank-format.md`` for the full description.
 """
@@ -28,13 +30,15 @@ from timm_ferkd.errors import BankError
 from timm_ferkd.version import __version__
 
 __all__ = [
-    'FORMAT_NAME', 'FORMAT_VERSION', 'MANIFEST_NAME', 'ShardRecord', 'TeacherInfo', 'DatasetIdentity',
+    'FORMAT_NAME', 'FORMAT_VERSION', 'MANIFEST_NAME', 'EXPLICIT_SAMPLER', 'ShardRecord', 'TeacherInfo', 'DatasetIdentity',
     'BankManifest', 'shard_file_name', 'read_safetensors_header', 'SAFETENSORS_DTYPES',
 ]
 
 FORMAT_NAME = 'timm-ferkd-bank'
 FORMAT_VERSION = 1
 MANIFEST_NAME = 'manifest.json'
+# sampler name of banks whose shards store each region's box (imported FKD labels)
+EXPLICIT_SAMPLER = 'explicit'
 
 SAFETENSORS_DTYPES = {
     'U8': np.uint8, 'I8': np.int8, 'U16': np.uint16, 'I16': np.int16, 'U32': np.uint32, 'I32': np.int32,
@@ -156,7 +160,10 @@ class BankManifest:
                 f'({__version__}, format {FORMAT_VERSION}): upgrade with `pip install -U timm-ferkd`')
         try:
             data = dict(data)
-            data['teacher'] = TeacherInfo(**data['teacher'])
+            teacher = dict(data['teacher'])
+            for key in ('input_size', 'mean', 'std'):
+                teacher[key] = tuple(teacher[key])
+            data['teacher'] = TeacherInfo(**teacher)
             data['dataset'] = DatasetIdentity(**data['dataset'])
             data['shards'] = [ShardRecord(**s) for s in data.get('shards', [])]
             data['scale'] = tuple(data['scale'])

@@ -392,5 +392,4 @@ def _write(out: Path, manifest: BankManifest, shard_index: int, first: int, meta
     }
     if indices is not None:
         tensors['topk_indices'] = indices.reshape(n, r, manifest.topk)
-    return write_shard(out, shard_index, first, tensors, metadata={
-        'format': 'timm-ferkd-bank-shard', 'first_image': str(first), 'num_images': str(n)})
+    return write_shard(out, shard_index, first, tensors)

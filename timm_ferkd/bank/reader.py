@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from timm_ferkd.bank.format import (
-    MANIFEST_NAME, SAFETENSORS_DTYPES, BankManifest, read_safetensors_header)
+    EXPLICIT_SAMPLER, MANIFEST_NAME, SAFETENSORS_DTYPES, BankManifest, read_safetensors_header)
 from timm_ferkd.bank.labels import dense_targets
-from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, Regions
+from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, Regions, explicit_regions
 from timm_ferkd.bank.writer import sha256_file
 from timm_ferkd.errors import BankError
 
@@ -28,6 +28,9 @@ def _expected_shapes(manifest: BankManifest, num_images: int) -> Dict[str, Tuple
     if manifest.label_type != 'full':
         dtype = {'uint8': 'U8', 'uint16': 'U16', 'int32': 'I32'}[manifest.index_dtype]
         shapes['topk_indices'] = ((num_images, manifest.regions_per_image, k), dtype)
+    if manifest.sampler == EXPLICIT_SAMPLER:
+        shapes['boxes'] = ((num_images, manifest.regions_per_image, 4), 'F32')
+        shapes['flips'] = ((num_images, manifest.regions_per_image), 'U8')
     return shapes
 
 
@@ -80,7 +83,7 @@ class SoftLabelBank:
         self.path = Path(path)
         self.manifest = BankManifest.load(self.path)
         m = self.manifest
-        if m.sampler != SAMPLER_NAME or m.sampler_version > SAMPLER_VERSION:
+        if m.sampler not in (SAMPLER_NAME, EXPLICIT_SAMPLER) or m.sampler_version > SAMPLER_VERSION:
             raise BankError(
                 f'bank {self.path} uses region sampler {m.sampler} v{m.sampler_version}, unknown to this '
                 f'timm-ferkd: upgrade with `pip install -U timm-ferkd`')
@@ -165,10 +168,19 @@ class SoftLabelBank:
         return (None if indices is None else np.array(indices[i, ids])), values
 
     def regions(self, image_index: int, region_ids: Optional[Sequence[int]] = None) -> Regions:
-        """Pixel boxes and flips of some regions of an image, re-derived from the bank seed."""
+        """Pixel boxes and flips of some regions of an image.
+
+        Boxes are re-derived from the bank seed, or, for imported banks (sampler 'explicit'), read
+        from the stored normalised boxes and rounded like PIL's crop of the FKD reference code.
+        """
         if region_ids is None:
             region_ids = range(self.manifest.regions_per_image)
-        return self.sampler.sample(image_index, self.image_size(image_index), region_ids)
+        size = self.image_size(image_index)
+        if self.manifest.sampler != EXPLICIT_SAMPLER:
+            return self.sampler.sample(image_index, size, region_ids)
+        shard, i = self._locate(image_index)
+        ids = np.asarray(region_ids, dtype=np.int64)
+        return explicit_regions(shard.arrays['boxes'][i, ids], shard.arrays['flips'][i, ids], size)
 
     def dense_targets(self, image_index: int, region_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
         """float32 [n, C] soft labels of some regions of an image (see ``timm_ferkd.bank.labels``)."""

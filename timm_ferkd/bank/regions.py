@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    'SAMPLER_NAME', 'SAMPLER_VERSION', 'RegionSampler', 'Regions', 'uniform', 'replay_region',
+    'SAMPLER_NAME', 'SAMPLER_VERSION', 'RegionSampler', 'Regions', 'uniform', 'replay_region', 'explicit_regions',
 ]
 
 SAMPLER_NAME = 'splitmix64-random-resized-crop'
@@ -154,6 +154,31 @@ class RegionSampler:
         else:
             w, h = width, height
         return np.array([(height - h) // 2, (width - w) // 2, h, w], dtype=np.int64)
+
+
+def explicit_regions(normalized_boxes: np.ndarray, flips: np.ndarray, image_size: Tuple[int, int]) -> Regions:
+    """Regions from stored normalised (top, left, height, width) boxes, as imported from FKD files.
+
+    The FKD reference scales the normalised box by the image size and lets PIL's crop round the
+    corners (``round(left)``, ``round(top)``, ``round(left + width)``, ``round(top + height)``); the
+    same rounding here makes replay identical.
+
+    Args:
+        normalized_boxes: float [n, 4] boxes divided by the image height and width.
+        flips: [n] flip flags.
+        image_size: (height, width) of the decoded image.
+
+    Returns:
+        The regions in pixels.
+    """
+    height, width = image_size
+    b = np.asarray(normalized_boxes, dtype=np.float64).reshape(-1, 4)
+    top = np.rint(b[:, 0] * height)
+    left = np.rint(b[:, 1] * width)
+    bottom = np.rint((b[:, 0] + b[:, 2]) * height)
+    right = np.rint((b[:, 1] + b[:, 3]) * width)
+    boxes = np.stack([top, left, bottom - top, right - left], axis=1).astype(np.int64)
+    return Regions(boxes=boxes, flips=np.asarray(flips).reshape(-1).astype(bool), image_size=(int(height), int(width)))
 
 
 def replay_region(

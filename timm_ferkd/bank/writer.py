@@ -74,7 +74,8 @@ def write_shard(
         shard_index: Shard number.
         first_image: Index of the shard's first image.
         tensors: Shard arrays (see ``timm_ferkd.bank.format``).
-        metadata: Extra string metadata for the safetensors header.
+        metadata: Extra string metadata for the safetensors header. Its key order is not stable
+            across runs (safetensors hashes it), so shards that must be byte-identical pass none.
 
     Returns:
         The shard's record.

@@ -1,0 +1,351 @@
+"""Region-replay dataset: decode an image once, replay ``num_crops`` of its stored regions.
+
+Item ``i`` of :class:`RegionDataset` is image ``i`` of the wrapped timm dataset. It returns
+``num_crops`` crops of that image, each cut by :func:`timm_ferkd.bank.regions.replay_region` with a
+stored box and flip (the function the teacher's crops were made with, so the student sees exactly
+the region its label describes), resized to the student's input size with the student's
+interpolation, optionally colour-jittered, as uint8. Normalisation happens later, on the device
+(see :mod:`timm_ferkd.data.loader`).
+
+Region choice: each epoch, the crops of an image are distinct regions drawn uniformly without
+replacement from the image's *eligible* regions (all of them, or those that FerKD calibration does
+not discard). When an image has fewer eligible regions than ``num_crops``, every eligible region is
+used once and the remaining crops repeat eligible regions drawn with replacement. The draw is a
+pure function of (seed, epoch, image index), so every rank, worker and resumed run makes the same
+choice; epochs are passed to workers with the index (see :class:`EpochKey`), so persistent workers
+stay in step with :meth:`RegionDataset.set_epoch`.
+"""
+import logging
+import os
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from timm_ferkd.bank.generate import pil_interpolation
+from timm_ferkd.bank.identity import check_bank_matches
+from timm_ferkd.bank.reader import SoftLabelBank, open_bank
+from timm_ferkd.bank.regions import replay_region
+from timm_ferkd.data.calibration import (
+    CATEGORY_DISCARD, CATEGORY_HARD, CATEGORY_SOFT, CalibrationConfig, create_label_transform)
+from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans
+from timm_ferkd.data.transforms import RegionPostTransform
+from timm_ferkd.errors import BankMismatchError, ConfigError
+
+__all__ = ['RegionDataset', 'EpochKey', 'create_region_dataset', 'collate_regions', 'resolve_input_size']
+
+_logger = logging.getLogger(__name__)
+
+# Keys of region choice and jitter streams: (seed, epoch, image, stream). Distinct streams keep the
+# region choice unchanged when jitter is switched on or off.
+_STREAM_REGIONS = 0
+_STREAM_JITTER = 1
+
+
+class EpochKey(NamedTuple):
+    """A dataset key carrying its epoch, so that workers need no shared epoch state."""
+    index: int
+    epoch: int
+
+
+def resolve_input_size(
+        input_size: Union[int, Sequence[int], None],
+        in_chans: Optional[int],
+        default_chans: int = 3,
+) -> Tuple[int, int, int]:
+    """(C, H, W) from an int, (H, W) or (C, H, W) and an optional channel count.
+
+    Args:
+        input_size: Student input size; None means 224.
+        in_chans: Channels; overrides the C of a 3-tuple when both are given and agree.
+        default_chans: Channels when neither gives them.
+
+    Returns:
+        (C, H, W).
+    """
+    if input_size is None:
+        input_size = 224
+    if isinstance(input_size, int):
+        size = (input_size, input_size)
+        chans = in_chans
+    else:
+        input_size = tuple(int(v) for v in input_size)
+        if len(input_size) == 2:
+            size, chans = input_size, in_chans
+        elif len(input_size) == 3:
+            size, chans = input_size[1:], input_size[0]
+            if in_chans is not None and in_chans != chans:
+                raise ConfigError(f'input_size {input_size} has {chans} channels but in_chans is {in_chans}')
+        else:
+            raise ConfigError(f'input_size {input_size} must be an int, (H, W) or (C, H, W)')
+    chans = default_chans if chans is None else int(chans)
+    if min(size) < 1:
+        raise ConfigError(f'input_size {tuple(size)} must be positive')
+    return chans, int(size[0]), int(size[1])
+
+
+def _image_name(source: ImageSource, index: int) -> Optional[str]:
+    """File name of an image for error messages, when the dataset knows it."""
+    dataset = source.dataset
+    try:
+        if hasattr(dataset, 'filename'):
+            return str(dataset.filename(index))
+        if hasattr(dataset, 'samples'):
+            return str(dataset.samples[index][0])
+    except Exception:  # names are a courtesy in error messages, never a new failure
+        pass
+    return None
+
+
+class RegionDataset(Dataset):
+    """Multi-crop region-replay dataset over any timm dataset and a soft-label bank.
+
+    Each item is one image: ``(crops, target)`` with ``crops`` uint8 [num_crops, C, H, W] and
+    ``target`` a dict of per-crop tensors:
+
+    * ``'soft'``: float32 [num_crops, num_classes], the (transformed) stored label, rows sum to 1,
+    * ``'label'``: long [num_crops], the image's ground-truth class,
+    * ``'category'``: int8 [num_crops], ``CATEGORY_SOFT`` (0) or ``CATEGORY_HARD`` (1),
+    * ``'image'``: long [num_crops], the image index,
+    * ``'region'``: long [num_crops], the replayed region's index in the bank.
+
+    The bank is checked against the dataset (size, fingerprint, classes) here, before training. If
+    it labels only the first N images (``generate --num-images N``) the dataset has N items.
+
+    Args:
+        source: The image source (``create_image_source``), in the colour mode of the student.
+        bank: The soft-label bank (``SoftLabelBank``, a bank directory or ``hf-hub:`` name).
+        num_crops: Crops (replayed regions) per image and item, >= 1.
+        input_size: Student input size: int, (H, W) or (C, H, W).
+        interpolation: Student interpolation ('bilinear', 'bicubic', ...).
+        calibration: FerKD calibration, or None to keep every region with its teacher label.
+        prob_shift: Apply the probability shift to stored labels.
+        label_temperature: Re-temper stored labels, ``softmax(log q / T)`` (1 disables it).
+        color_jitter: Photometric jitter strength (timm's scalar ``color_jitter``; 0 disables it).
+        seed: Seed of region choice and jitter.
+        num_classes: The student's class count, checked against the bank when given.
+
+    Raises:
+        BankMismatchError: The bank belongs to another dataset, split or class count.
+        ConfigError: ``num_crops < 1``, bad thresholds, or a calibration that discards every region
+            of an image.
+    """
+
+    def __init__(
+            self,
+            source: ImageSource,
+            bank: Union[SoftLabelBank, str, os.PathLike],
+            num_crops: int = 4,
+            input_size: Union[int, Sequence[int]] = 224,
+            interpolation: str = 'bilinear',
+            calibration: Optional[CalibrationConfig] = None,
+            prob_shift: bool = False,
+            label_temperature: float = 1.0,
+            color_jitter: float = 0.0,
+            seed: int = 0,
+            num_classes: Optional[int] = None,
+    ):
+        if not isinstance(num_crops, int) or num_crops < 1:
+            raise ConfigError(f'num_crops={num_crops!r} must be an integer >= 1')
+        if not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f'seed={seed!r} must be a non-negative integer')
+        if not isinstance(bank, SoftLabelBank):
+            bank = open_bank(bank)
+        self.source = source
+        self.bank = bank
+        self.num_crops = num_crops
+        chans = 1 if source.image_mode == 'L' else 3
+        self.input_size = resolve_input_size(input_size, None, default_chans=chans)
+        if self.input_size[0] != chans:
+            raise ConfigError(
+                f'input_size {self.input_size} has {self.input_size[0]} channels but the images are '
+                f'{source.image_mode!r} ({chans} channel(s)): set in_chans to match')
+        self.interpolation = interpolation
+        self._pil_interpolation = pil_interpolation(interpolation)
+        self.seed = seed
+        self.epoch = 0
+        self.post_transform = RegionPostTransform(color_jitter)
+
+        manifest = bank.manifest
+        check_bank_matches(manifest, source.identity, num_classes)
+        self.num_classes = manifest.num_classes
+        self.num_images = manifest.num_images
+        if self.num_images < len(source):
+            _logger.info(
+                f'the bank labels the first {self.num_images} of {len(source)} images of {source.name} '
+                f'(split {source.split}): training on those {self.num_images} only')
+
+        max_probs = bank.all_max_probs()
+        self.label_transform = create_label_transform(
+            self.num_classes, calibration, max_probs, prob_shift=prob_shift, temperature=label_temperature)
+        ferkd = self.label_transform.calibration
+        if ferkd is None:
+            self.categories = np.zeros(max_probs.shape, dtype=np.int8)
+        else:
+            self.categories = ferkd.categorize(max_probs)
+        del max_probs
+        self.num_eligible = (self.categories != CATEGORY_DISCARD).sum(axis=1)
+        self._check_eligible()
+
+    def _check_eligible(self) -> None:
+        empty = np.flatnonzero(self.num_eligible == 0)
+        if empty.size:
+            i = int(empty[0])
+            name = _image_name(self.source, i)
+            where = f'image {i}' + (f' ({name})' if name else '')
+            t = self.label_transform.calibration.thresholds
+            raise ConfigError(
+                f'FerKD calibration discards every region of {where}'
+                + (f' and {empty.size - 1} other image(s)' if empty.size > 1 else '')
+                + f' (thresholds low={t.low:.4g}, top={t.top:.4g}); loosen them: lower low or raise top')
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch of region choice for integer keys (``EpochKey`` keys carry their own)."""
+        self.epoch = int(epoch)
+
+    def category_counts(self) -> Dict[str, int]:
+        """Number of regions per category over the bank (soft, hard, discarded)."""
+        return {
+            'soft': int((self.categories == CATEGORY_SOFT).sum()),
+            'hard': int((self.categories == CATEGORY_HARD).sum()),
+            'discard': int((self.categories == CATEGORY_DISCARD).sum()),
+        }
+
+    def _rng(self, index: int, epoch: int, stream: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, epoch, index, stream))
+
+    def region_ids(self, index: int, epoch: Optional[int] = None) -> np.ndarray:
+        """int64 [num_crops]: the bank regions image ``index`` replays in ``epoch``.
+
+        Args:
+            index: Image index.
+            epoch: Epoch (default: the current one).
+
+        Returns:
+            Distinct eligible regions when the image has at least ``num_crops``; otherwise all of them
+            (shuffled) followed by repeats drawn with replacement.
+        """
+        epoch = self.epoch if epoch is None else int(epoch)
+        eligible = np.flatnonzero(self.categories[index] != CATEGORY_DISCARD)
+        rng = self._rng(index, epoch, _STREAM_REGIONS)
+        if eligible.size >= self.num_crops:
+            return rng.choice(eligible, size=self.num_crops, replace=False)
+        extra = rng.choice(eligible, size=self.num_crops - eligible.size, replace=True)
+        return np.concatenate([rng.permutation(eligible), extra])
+
+    def __getitem__(self, key: Union[int, EpochKey, Tuple[int, int]]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        if isinstance(key, tuple):
+            index, epoch = int(key[0]), int(key[1])
+        else:
+            index, epoch = int(key), self.epoch
+        if not 0 <= index < self.num_images:
+            raise IndexError(f'image {index} outside the dataset (0..{self.num_images - 1})')
+        ids = self.region_ids(index, epoch)
+        image, target = self.source.load(index)
+        regions = self.bank.regions(index, ids)
+        if regions.image_size != (image.height, image.width) or target != self.bank.target(index):
+            name = _image_name(self.source, index)
+            raise BankMismatchError(
+                f'image {index}{f" ({name})" if name else ""} decodes to {image.height}x{image.width} with class '
+                f'{target}, the bank recorded {regions.image_size[0]}x{regions.image_size[1]} with class '
+                f'{self.bank.target(index)}: the dataset files changed since the bank was generated; '
+                f'regenerate the bank')
+        rng = self._rng(index, epoch, _STREAM_JITTER) if self.post_transform.color_jitter > 0 else None
+        size = self.input_size[1:]
+        crops = torch.stack([
+            self.post_transform(replay_region(image, box, flip, size, self._pil_interpolation), rng)
+            for box, flip in zip(regions.boxes, regions.flips)])
+
+        n = self.num_crops
+        label = torch.full((n,), target, dtype=torch.long)
+        category = torch.from_numpy(self.categories[index, ids].astype(np.int8))
+        soft = self.label_transform(self.bank.dense_targets(index, ids), label, category)
+        return crops, {
+            'soft': soft,
+            'label': label,
+            'category': category,
+            'image': torch.full((n,), index, dtype=torch.long),
+            'region': torch.from_numpy(ids.astype(np.int64)),
+        }
+
+    def __repr__(self) -> str:
+        return (f'RegionDataset({self.source.name!r}, split={self.source.split!r}, images={self.num_images}, '
+                f'num_crops={self.num_crops}, input_size={self.input_size}, interpolation={self.interpolation!r}, '
+                f'labels={self.label_transform!r}, bank={self.bank!r})')
+
+
+def collate_regions(batch: Sequence[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Concatenate items image-major: the crops of one image are neighbouring rows.
+
+    Args:
+        batch: Items of :class:`RegionDataset`.
+
+    Returns:
+        (uint8 [B, C, H, W], target dict of [B] / [B, C] tensors plus ``'weight'`` float32 [B] of ones),
+        with B = len(batch) * num_crops.
+    """
+    crops = torch.cat([item[0] for item in batch])
+    target = {key: torch.cat([item[1][key] for item in batch]) for key in batch[0][1]}
+    target['weight'] = torch.ones(crops.shape[0], dtype=torch.float32)
+    return crops, target
+
+
+def create_region_dataset(
+        name: str,
+        root: Optional[str] = None,
+        split: str = 'train',
+        soft_labels: Union[SoftLabelBank, str, os.PathLike, None] = None,
+        num_crops: int = 4,
+        input_size: Union[int, Sequence[int], None] = None,
+        interpolation: str = 'bilinear',
+        in_chans: Optional[int] = None,
+        calibration: Optional[CalibrationConfig] = None,
+        prob_shift: bool = False,
+        label_temperature: float = 1.0,
+        color_jitter: float = 0.0,
+        seed: int = 0,
+        num_classes: Optional[int] = None,
+        download: bool = False,
+        **kwargs: Any,
+) -> RegionDataset:
+    """Create a :class:`RegionDataset` from timm dataset arguments and a bank.
+
+    Args:
+        name: timm dataset name: '' (image folder), ``torch/NAME``, ``hfds/NAME``.
+        root: Data directory (timm's ``root`` / ``--data-dir``).
+        split: Split the bank was generated on.
+        soft_labels: The bank: a ``SoftLabelBank``, a bank directory or an ``hf-hub:ORG/NAME[@REV]`` name.
+        num_crops: Crops per image, >= 1.
+        input_size: Student input size: int, (H, W) or (C, H, W); None means 224 at ``in_chans``.
+        interpolation: Student interpolation.
+        in_chans: Student input channels (1: grayscale, 3: RGB); default: those of the input size, else
+            the teacher's.
+        calibration: FerKD calibration (``CalibrationConfig``) or None.
+        prob_shift: Apply the probability shift to stored labels.
+        label_temperature: Re-temper stored labels (1 disables it).
+        color_jitter: Photometric jitter strength (0 disables it).
+        seed: Seed of region choice and jitter.
+        num_classes: The student's class count, checked against the bank when given.
+        download: Let torchvision datasets download when missing.
+        **kwargs: Passed to ``timm.data.create_dataset`` (``class_map``, ``search_split``, ...).
+
+    Returns:
+        The dataset.
+    """
+    if not isinstance(num_crops, int) or num_crops < 1:
+        raise ConfigError(f'num_crops={num_crops!r} must be an integer >= 1')
+    if soft_labels is None:
+        raise ConfigError('soft_labels is required: a bank directory, a SoftLabelBank or an hf-hub:ORG/NAME name')
+    bank = soft_labels if isinstance(soft_labels, SoftLabelBank) else open_bank(soft_labels)
+    if in_chans is None and not (isinstance(input_size, (tuple, list)) and len(input_size) == 3):
+        in_chans = bank.manifest.teacher.input_size[0]
+    chans, height, width = resolve_input_size(input_size, in_chans)
+    source = create_image_source(name, root, split, image_mode=image_mode_for_chans(chans), download=download, **kwargs)
+    return RegionDataset(
+        source, bank, num_crops=num_crops, input_size=(chans, height, width), interpolation=interpolation,
+        calibration=calibration, prob_shift=prob_shift, label_temperature=label_temperature,
+        color_jitter=color_jitter, seed=seed, num_classes=num_classes)

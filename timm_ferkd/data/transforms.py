@@ -1,0 +1,68 @@
+"""Student-side post-crop transforms for replayed regions: mild photometric jitter, then uint8 tensor.
+
+Geometry is fixed by the bank (box and flip are replayed), so only photometric changes are allowed
+here: anything that moves pixels would detach the crop from its stored label. Randomness comes from
+a ``numpy.random.Generator`` that the dataset derives from (seed, epoch, image), so a crop is the
+same in every worker and in a resumed run. Normalisation is left to the loader (on the device).
+"""
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from timm_ferkd.errors import ConfigError
+
+__all__ = ['RegionPostTransform', 'pil_to_uint8_tensor']
+
+
+def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 [C, H, W] tensor of a PIL image ('L' gives C = 1), without scaling."""
+    array = np.asarray(image, dtype=np.uint8)  # read-only view of PIL's buffer copy
+    if array.ndim == 2:
+        return torch.from_numpy(array.copy()).unsqueeze(0)
+    # the CHW copy is the one copy we need, and it is writable
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+class RegionPostTransform:
+    """Colour jitter (optional) and conversion of a replayed region to a uint8 tensor.
+
+    Jitter follows timm's scalar ``color_jitter``: brightness, contrast and (for RGB) saturation
+    factors are drawn uniformly from ``[max(0, 1 - s), 1 + s]`` and applied in a random order.
+
+    Args:
+        color_jitter: Jitter strength s >= 0 (0 disables it).
+    """
+
+    def __init__(self, color_jitter: float = 0.0):
+        if not color_jitter >= 0:
+            raise ConfigError(f'color_jitter {color_jitter!r} must be >= 0')
+        self.color_jitter = float(color_jitter)
+
+    def __call__(self, image: Image.Image, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+        """Transform one region.
+
+        Args:
+            image: The replayed region.
+            rng: Source of the jitter factors (required when jitter is on).
+
+        Returns:
+            uint8 [C, H, W].
+        """
+        if self.color_jitter > 0:
+            image = self._jitter(image, rng)
+        return pil_to_uint8_tensor(image)
+
+    def _jitter(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        s = self.color_jitter
+        enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast]
+        if image.mode == 'RGB':
+            enhancers.append(ImageEnhance.Color)
+        factors = rng.uniform(max(0.0, 1.0 - s), 1.0 + s, size=len(enhancers))
+        for j in rng.permutation(len(enhancers)):
+            image = enhancers[j](image).enhance(float(factors[j]))
+        return image
+
+    def __repr__(self) -> str:
+        return f'RegionPostTransform(color_jitter={self.color_jitter})'
