@@ -18,6 +18,9 @@ _COMMANDS = {
     'generate': 'generate',
     'inspect': 'inspect',
     'verify': 'verify',
+    'pull': 'pull',
+    'push': 'push',
+    'import-fkd': 'import_fkd',
 }
 
 

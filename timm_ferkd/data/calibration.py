@@ -66,11 +66,11 @@ class CalibrationConfig:
     the 5% least confident regions, ``top=0.99`` the 1% most confident ones, ``mid=0.3`` calibrates
     the regions between the 5% and 30% quantiles. Quantiles use numpy's default (linear) method.
 
-    The defaults (0, 0, 1) keep every region with its teacher label, i.e. plain FKD.
+    The defaults (0, None, 1) keep every region with its teacher label, i.e. plain FKD.
 
     Args:
         low: T_L (absolute) or its quantile.
-        mid: T_M (absolute) or its quantile.
+        mid: T_M (absolute) or its quantile; None means ``low`` (no calibrated band).
         top: T_T (absolute) or its quantile.
         quantile: Interpret ``low``, ``mid`` and ``top`` as quantiles of the bank's confidences.
         eps: Label smoothing of the calibrated hard label, in [0, 1).
@@ -79,12 +79,14 @@ class CalibrationConfig:
         ConfigError: Thresholds outside [0, 1] or not ``low <= mid <= top``; ``eps`` outside [0, 1).
     """
     low: float = 0.0
-    mid: float = 0.0
+    mid: Optional[float] = None
     top: float = 1.0
     quantile: bool = False
     eps: float = 0.1
 
     def __post_init__(self):
+        if self.mid is None:
+            self.mid = self.low
         self.check()
 
     def check(self) -> None:

@@ -1,0 +1,476 @@
+"""Soft-label banks on the Hugging Face Hub (the "label zoo").
+
+A bank is published as a Hub *dataset* repo holding exactly the bank files (``manifest.json`` and
+its ``shard-*.safetensors``) plus a generated dataset card (``README.md``). Anywhere a bank
+directory is accepted, a name in timm's convention works too::
+
+    hf-hub:ORG/NAME              the head of the default branch
+    hf-hub:ORG/NAME@BRANCH       a branch or tag
+    hf-hub:ORG/NAME@<commit>     an exact commit (40 hex digits): immutable, reproducible
+
+Names are resolved with ``huggingface_hub``, so its cache (``HF_HUB_CACHE``), resumable
+downloads, offline mode (``HF_HUB_OFFLINE=1``), token (``HF_TOKEN``) and endpoint
+(``HF_ENDPOINT``) all apply. The revision is resolved to a commit once, then the manifest and
+every shard it lists are fetched at that commit, so a bank is never assembled from two pushes.
+
+Example:
+    >>> from timm_ferkd.bank.hub import pull_bank
+    >>> hub_bank = pull_bank('hf-hub:my-org/fmnist-resnet18-r500')
+    >>> hub_bank.commit, hub_bank.path      # record the commit for reproducibility
+"""
+import json
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+from timm_ferkd.bank.format import MANIFEST_NAME, BankManifest
+from timm_ferkd.bank.writer import sha256_file
+from timm_ferkd.errors import BankError, HubError
+
+__all__ = [
+    'HF_HUB_PREFIX', 'REPO_TYPE', 'HubBank', 'PushResult', 'parse_hub_name', 'is_hub_name', 'resolved_revision',
+    'pull_bank', 'resolve_bank', 'push_bank',
+]
+
+_logger = logging.getLogger(__name__)
+
+HF_HUB_PREFIX = 'hf-hub:'
+REPO_TYPE = 'dataset'
+CARD_NAME = 'README.md'
+DEFAULT_REVISION = 'main'
+
+_REPO_PART = r'[A-Za-z0-9][A-Za-z0-9._-]*'
+_REPO_ID = re.compile(rf'{_REPO_PART}/{_REPO_PART}')
+_COMMIT = re.compile(r'[0-9a-f]{40}')
+# shard names come from a downloaded manifest: never let one point outside the bank directory
+_SHARD_FILE = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors')
+
+
+@dataclass(frozen=True)
+class HubBank:
+    """A bank resolved on the Hub.
+
+    Attributes:
+        repo_id: Dataset repo (``ORG/NAME``).
+        revision: The revision asked for (``main`` when the name has none).
+        commit: The commit hash the revision resolved to.
+        path: Local bank directory (in the Hugging Face cache, or ``local_dir``).
+    """
+    repo_id: str
+    revision: str
+    commit: str
+    path: Path
+
+    @property
+    def name(self) -> str:
+        """The name as asked for: ``hf-hub:ORG/NAME@REVISION``."""
+        return f'{HF_HUB_PREFIX}{self.repo_id}@{self.revision}'
+
+    @property
+    def pinned_name(self) -> str:
+        """A name that always resolves to this exact content: ``hf-hub:ORG/NAME@<commit>``."""
+        return f'{HF_HUB_PREFIX}{self.repo_id}@{self.commit}'
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What ``push_bank`` published.
+
+    Attributes:
+        repo_id: Dataset repo (``ORG/NAME``).
+        revision: Branch pushed to.
+        commit: The commit that holds the complete bank (manifest and card).
+        url: Web address of the dataset repo.
+    """
+    repo_id: str
+    revision: str
+    commit: str
+    url: str
+
+    @property
+    def pinned_name(self) -> str:
+        """``hf-hub:ORG/NAME@<commit>``: the published bank, immutable."""
+        return f'{HF_HUB_PREFIX}{self.repo_id}@{self.commit}'
+
+
+def is_hub_name(name: Union[str, os.PathLike]) -> bool:
+    """Whether ``name`` is an ``hf-hub:`` bank name rather than a local path."""
+    return isinstance(name, str) and name.startswith(HF_HUB_PREFIX)
+
+
+def parse_hub_name(name: str) -> Tuple[str, Optional[str]]:
+    """Split a bank name into (repo_id, revision).
+
+    Args:
+        name: ``hf-hub:ORG/NAME[@REVISION]``; the ``hf-hub:`` prefix is optional.
+
+    Returns:
+        (``ORG/NAME``, the revision or None when the name has none).
+    """
+    rest = name[len(HF_HUB_PREFIX):] if name.startswith(HF_HUB_PREFIX) else name
+    repo_id, sep, revision = rest.partition('@')
+    if not _REPO_ID.fullmatch(repo_id) or '..' in repo_id or (sep and not revision):
+        raise HubError(
+            f'{name!r} is not a Hub bank name: use hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION '
+            f'(REVISION: a branch, tag or commit hash)')
+    return repo_id, (revision or None)
+
+
+def _display(repo_id: str, revision: Optional[str]) -> str:
+    return f'{HF_HUB_PREFIX}{repo_id}' + (f'@{revision}' if revision else '')
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _transport_errors() -> tuple:
+    """Exception classes of a network failure for the installed huggingface_hub (httpx2, httpx or requests)."""
+    errors = []
+    for module, attr in (('httpx2', 'TransportError'), ('httpx', 'TransportError'), ('requests', 'ConnectionError'),
+                         ('requests', 'Timeout')):
+        try:
+            errors.append(getattr(__import__(module), attr))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _hf_errors(*names: str) -> tuple:
+    """``huggingface_hub.errors`` classes by name, skipping those an older release lacks."""
+    from huggingface_hub import errors
+    return tuple(getattr(errors, n) for n in names if hasattr(errors, n))
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: Optional[str], action: str = 'resolve') -> Iterator[None]:
+    """Turn ``huggingface_hub`` exceptions into one-line ``HubError`` messages."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError)
+    unreachable = _hf_errors('RevisionResolutionError', 'LocalEntryNotFoundError', 'OfflineModeIsEnabled') \
+        + _transport_errors()
+    name = _display(repo_id, revision)
+    try:
+        yield
+    except GatedRepoError:
+        raise HubError(
+            f'{name}: the dataset repo is gated; accept its conditions on the Hub and log in '
+            f'(`hf auth login` or HF_TOKEN)') from None
+    except RepositoryNotFoundError:
+        raise HubError(
+            f'{name}: no dataset repo {repo_id} on {constants.ENDPOINT} (or it is private: log in with '
+            f'`hf auth login` or set HF_TOKEN); check the name') from None
+    except RevisionNotFoundError:
+        raise HubError(
+            f'{name}: dataset repo {repo_id} has no revision {revision!r}; use an existing branch, tag or '
+            f'commit hash') from None
+    except _hf_errors('RemoteEntryNotFoundError', 'EntryNotFoundError') as e:
+        if isinstance(e, unreachable):  # LocalEntryNotFoundError is an EntryNotFoundError too
+            raise _unreachable(name, action) from None
+        raise HubError(
+            f'{name}: dataset repo {repo_id} is not a timm-ferkd bank (no {MANIFEST_NAME} at this revision); '
+            f'publish one with `timm-ferkd push BANK {repo_id}`') from None
+    except unreachable as e:
+        if action == 'push':
+            raise HubError(f'cannot {action} {name}: the Hub at {constants.ENDPOINT} cannot be reached '
+                           f'({_first_line(e)}); check your network, HF_ENDPOINT and HF_HUB_OFFLINE') from None
+        raise _unreachable(name, action) from None
+    except HFValidationError as e:
+        raise HubError(f'{name}: invalid repo name or revision ({_first_line(e)})') from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, 'response', None), 'status_code', None)
+        hint = ' (check that your token has write access: `hf auth login` or HF_TOKEN)' \
+            if status in (401, 403) else ''
+        raise HubError(f'cannot {action} {name}: the Hub answered {status}: {_first_line(e)}{hint}') from None
+
+
+def _unreachable(name: str, action: str) -> HubError:
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return HubError(
+            f'{name} is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1): go online '
+            f'(unset HF_HUB_OFFLINE) or run `timm-ferkd pull {name}` on a machine with network first')
+    return HubError(
+        f'{name} is not in the local Hugging Face cache and the Hub at {constants.ENDPOINT} cannot be reached: '
+        f'go online (check your network and HF_ENDPOINT) or run `timm-ferkd pull {name}` first')
+
+
+def _api():
+    from huggingface_hub import HfApi
+    return HfApi()
+
+
+def _show_progress(progress: Optional[bool]) -> bool:
+    if progress is not None:
+        return progress
+    from huggingface_hub.utils import are_progress_bars_disabled
+    # under torchrun, one bar per node is enough
+    return os.environ.get('LOCAL_RANK', '0') == '0' and not are_progress_bars_disabled()
+
+
+def resolved_revision(name: str, cache_dir: Optional[os.PathLike] = None) -> str:
+    """The commit hash a bank name resolves to now (from the Hub, or the cache when offline).
+
+    Args:
+        name: ``hf-hub:ORG/NAME[@REVISION]``.
+        cache_dir: Hugging Face cache (default: ``HF_HUB_CACHE``).
+
+    Returns:
+        The 40-hex-digit commit hash.
+    """
+    repo_id, revision = parse_hub_name(name)
+    with _hub_errors(repo_id, revision):
+        return _resolve_commit(repo_id, revision, cache_dir)
+
+
+def _resolve_commit(repo_id: str, revision: Optional[str], cache_dir: Optional[os.PathLike]) -> str:
+    """Revision -> commit hash: asks the Hub, falls back on the cache's ``refs/`` when it cannot be reached."""
+    api = _api()
+    if hasattr(api, 'resolve_revision'):
+        return api.resolve_revision(repo_id, repo_type=REPO_TYPE, revision=revision, cache_dir=cache_dir).resolved
+    # huggingface_hub releases without HfApi.resolve_revision: the same steps by hand
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.file_download import repo_folder_name
+    revision = revision or DEFAULT_REVISION
+    if _COMMIT.fullmatch(revision):
+        return revision
+    refs = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=REPO_TYPE) / 'refs'
+    try:
+        sha = api.dataset_info(repo_id, revision=revision).sha
+        try:  # remember it for offline use, like resolve_revision does
+            from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision
+            _cache_commit_hash_for_specific_revision(str(refs.parent), revision, sha)
+        except (ImportError, OSError):
+            pass
+        return sha
+    except HfHubHTTPError as e:
+        if e.response is None or e.response.status_code < 500:
+            raise
+    except _hf_errors('OfflineModeIsEnabled') + _transport_errors():
+        pass
+    if (refs / revision).is_file():
+        return (refs / revision).read_text().strip()
+    raise LocalEntryNotFoundError(f'cannot resolve {repo_id}@{revision}: the Hub cannot be reached and it is not cached')
+
+
+def _byte_progress_class(bar):
+    """A tqdm stand-in for ``hf_hub_download`` that adds each file's bytes to one shared bar."""
+
+    class _SharedBar:
+        def __init__(self, *args, **kwargs):
+            initial = kwargs.get('initial') or 0
+            if initial:
+                bar.update(initial)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            if n:
+                bar.update(n)
+
+        def __getattr__(self, name):  # close, refresh, set_postfix_str, update_transfer, ...
+            return lambda *args, **kwargs: None
+
+    return _SharedBar
+
+
+def _download(repo_id: str, filename: str, commit: str, local_dir, cache_dir, force_download: bool,
+              tqdm_class=None) -> Path:
+    from huggingface_hub import hf_hub_download
+    return Path(hf_hub_download(
+        repo_id, filename, repo_type=REPO_TYPE, revision=commit, local_dir=local_dir, cache_dir=cache_dir,
+        force_download=force_download, tqdm_class=tqdm_class))
+
+
+def _read_manifest(path: Path, name: str) -> BankManifest:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BankError(f'{name}: {MANIFEST_NAME} is not valid JSON ({e}); the repo is not a usable bank') from None
+    manifest = BankManifest.from_dict(data, source=f'{name} {MANIFEST_NAME}')
+    for record in manifest.shards:
+        if not _SHARD_FILE.fullmatch(record.file):
+            raise BankError(f'{name}: {MANIFEST_NAME} lists an invalid shard file name {record.file!r}; '
+                            f'the repo is not a usable bank')
+    return manifest
+
+
+def pull_bank(
+        name: str,
+        local_dir: Optional[os.PathLike] = None,
+        download_shards: bool = True,
+        verify_checksums: bool = False,
+        force_download: bool = False,
+        cache_dir: Optional[os.PathLike] = None,
+        progress: Optional[bool] = None,
+        max_workers: int = 8,
+) -> HubBank:
+    """Download a bank from the Hub: its manifest first, then the shards the manifest lists.
+
+    Args:
+        name: ``hf-hub:ORG/NAME[@REVISION]`` (the prefix is optional here).
+        local_dir: Put the bank files in this directory instead of the Hugging Face cache.
+        download_shards: Also fetch the shards (False: the manifest only).
+        verify_checksums: Check each shard's sha256 against the manifest (sizes are always checked).
+        force_download: Download again even when cached.
+        cache_dir: Hugging Face cache (default: ``HF_HUB_CACHE``).
+        progress: Show a byte progress bar (default: unless huggingface_hub's bars are disabled, rank 0 only).
+        max_workers: Parallel shard downloads.
+
+    Returns:
+        The resolved bank, with its commit hash and local directory.
+    """
+    repo_id, revision = parse_hub_name(name)
+    display = _display(repo_id, revision)
+    with _hub_errors(repo_id, revision):
+        commit = _resolve_commit(repo_id, revision, cache_dir)
+        manifest_path = _download(repo_id, MANIFEST_NAME, commit, local_dir, cache_dir, force_download)
+    manifest = _read_manifest(manifest_path, display)
+    bank_dir = manifest_path.parent
+    if download_shards and manifest.shards:
+        total = sum(r.bytes for r in manifest.shards)
+        bar = None
+        tqdm_class = None
+        if _show_progress(progress):
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
+                       desc=f'pull {repo_id}')
+            tqdm_class = _byte_progress_class(bar)
+        try:
+            with _hub_errors(repo_id, revision), ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+                paths = list(pool.map(
+                    lambda r: _download(repo_id, r.file, commit, local_dir, cache_dir, force_download, tqdm_class),
+                    manifest.shards))
+        except HubError as e:
+            if 'is not a timm-ferkd bank' in str(e):
+                raise HubError(
+                    f'{display}: the repo at commit {commit[:10]} lacks shards its {MANIFEST_NAME} lists (an '
+                    f'interrupted push?); push the bank again or use an earlier revision') from None
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        for record, path in zip(manifest.shards, paths):
+            if path.parent != bank_dir:
+                raise BankError(f'{display}: shard {record.file} landed in {path.parent}, not beside the manifest')
+        _check_files(manifest, bank_dir, display, verify_checksums)
+    return HubBank(repo_id=repo_id, revision=revision or DEFAULT_REVISION, commit=commit, path=bank_dir)
+
+
+def _check_files(manifest: BankManifest, bank_dir: Path, name: str, verify_checksums: bool) -> None:
+    for record in manifest.shards:
+        path = bank_dir / record.file
+        size = path.stat().st_size
+        if size != record.bytes:
+            raise BankError(
+                f'{name}: shard {record.file} has {size} bytes, the manifest says {record.bytes} (corrupt download '
+                f'or inconsistent repo); run `timm-ferkd pull {name} --force-download`')
+        if verify_checksums and sha256_file(path) != record.sha256:
+            raise BankError(
+                f'{name}: shard {record.file} fails its sha256 check (corrupt download or inconsistent repo); '
+                f'run `timm-ferkd pull {name} --force-download`')
+
+
+def resolve_bank(name: str, local_dir: Optional[os.PathLike] = None, download_shards: bool = True) -> Path:
+    """Local directory of a Hub bank, downloading what is missing (the entry point of ``open_bank``).
+
+    Args:
+        name: ``hf-hub:ORG/NAME[@REVISION]``.
+        local_dir: Put the bank files here instead of the Hugging Face cache.
+        download_shards: Also fetch the shards (False: the manifest only).
+
+    Returns:
+        The bank directory.
+    """
+    return pull_bank(name, local_dir=local_dir, download_shards=download_shards).path
+
+
+def _remote_shard_files(repo_id: str, revision: Optional[str]) -> List[str]:
+    """Shard files listed by the bank already at ``revision`` (empty for a new repo)."""
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    try:
+        commit = _resolve_commit(repo_id, revision, None)
+        path = _download(repo_id, MANIFEST_NAME, commit, None, None, False)
+        data = json.loads(path.read_text())
+        return [s['file'] for s in data.get('shards', []) if _SHARD_FILE.fullmatch(str(s.get('file', '')))]
+    except (EntryNotFoundError, HfHubHTTPError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def push_bank(
+        bank_dir: os.PathLike,
+        repo: str,
+        private: bool = False,
+        revision: Optional[str] = None,
+        license: str = 'other',
+        commit_message: Optional[str] = None,
+        verify: bool = True,
+) -> PushResult:
+    """Publish a local bank as a Hub dataset repo, with a generated dataset card.
+
+    The shards are uploaded first (``upload_folder``: resumable, possibly in several commits), then
+    the manifest and the card in one last commit, so every commit that has a manifest has all of
+    its shards. Shards of a previous bank at the same revision that the new one lacks are deleted
+    in that last commit. Generation bookkeeping (``generation.json``, ``*.safetensors.json``) is
+    never uploaded.
+
+    Args:
+        bank_dir: Local bank directory.
+        repo: ``ORG/NAME`` (``hf-hub:`` prefix and ``@BRANCH`` suffix accepted).
+        private: Create the repo private (only when it does not exist yet).
+        revision: Branch to push to (created from the default branch when missing).
+        license: License id for the card (``other`` when unknown; the dataset's license binds the labels).
+        commit_message: Message of the last commit.
+        verify: Check every shard's sha256 before uploading.
+
+    Returns:
+        The repo, branch and commit of the published bank.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from timm_ferkd.bank.card import bank_card
+    from timm_ferkd.bank.reader import SoftLabelBank
+    repo_id, name_revision = parse_hub_name(repo)
+    if revision and name_revision and revision != name_revision:
+        raise HubError(f'two revisions given ({name_revision!r} in the name, --revision {revision!r}); give one')
+    revision = revision or name_revision
+    if revision is not None and _COMMIT.fullmatch(revision):
+        raise HubError(f'cannot push to commit {revision}: push to a branch name (--revision BRANCH)')
+    bank_dir = Path(bank_dir)
+    bank = SoftLabelBank(bank_dir, validate=True)
+    if verify:
+        bank.verify_checksums()
+    manifest = bank.manifest
+    shard_files = [r.file for r in manifest.shards]
+    card = bank_card(manifest, repo_id, revision=revision, license=license, bytes_on_disk=bank.bytes_on_disk())
+    api = _api()
+    with _hub_errors(repo_id, revision, action='push'):
+        url = str(api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True))
+        if revision is not None and revision != DEFAULT_REVISION:
+            api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
+        stale = sorted(set(_remote_shard_files(repo_id, revision)) - set(shard_files))
+        if shard_files:
+            api.upload_folder(
+                repo_id=repo_id, folder_path=str(bank_dir), repo_type=REPO_TYPE, revision=revision,
+                allow_patterns=shard_files, commit_message=f'Upload {len(shard_files)} bank shards')
+        operations = [
+            CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=str(bank_dir / MANIFEST_NAME)),
+            CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode()),
+        ] + [CommitOperationDelete(path_in_repo=f) for f in stale]
+        info = api.create_commit(
+            repo_id, operations, repo_type=REPO_TYPE, revision=revision,
+            commit_message=commit_message or (
+                f'timm-ferkd bank: {manifest.teacher.model} on {manifest.dataset.name or "image folder"} '
+                f'[{manifest.dataset.split}], {manifest.regions_per_image} regions, top-{manifest.topk}'))
+    return PushResult(repo_id=repo_id, revision=revision or DEFAULT_REVISION, commit=info.oid, url=url)

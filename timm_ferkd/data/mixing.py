@@ -1,0 +1,285 @@
+"""SelfMix (FerKD) and soft-label Mixup/CutMix across images, on whole batches on the device.
+
+Both work on the loader's output, a normalised float batch ``x`` [B, C, H, W] and the target dict
+(see :mod:`timm_ferkd.data.loader`), and mix the dense soft targets with the same ``lam`` as the
+pixels. They differ only in whom a crop is mixed with:
+
+* :class:`SelfMix` pairs each crop with another crop *of the same image*. The batch is image-major
+  (rows ``[i * num_crops, (i + 1) * num_crops)`` are the crops of one image), and each group is
+  rotated by a random non-zero shift, a derangement within the group. Mixed input and mixed label
+  stay close, which is why FerKD uses it with pre-generated soft labels.
+* :class:`SoftMixup` pairs row ``i`` with row ``B - 1 - i`` (timm's ``Mixup`` with the flipped
+  batch) but mixes dense soft targets instead of one-hot ones: the cross-image baseline.
+
+Mixup: ``x = lam x_a + (1 - lam) x_b``. CutMix: a box of ``x_b`` pasted into ``x_a`` (timm's box
+sampler) with ``lam`` set to the exact unpasted area fraction. ``lam ~ Beta(alpha, alpha)``, one per
+batch (``mode='batch'``) or one per crop (``'pair'``/``'elem'``, the same thing here because every
+crop has its own partner). As in timm, ``mixup_alpha > 0`` and ``cutmix_alpha > 0`` together switch
+between the two with probability ``switch_prob`` of CutMix; ``method`` forces one.
+
+After mixing, the target dict has ``'soft'`` mixed, ``'label'`` unchanged (for SelfMix the same
+image's class), plus ``'lam'`` (float [B], the weight of the crop's own label) and ``'partner'``
+(long [B], the row it was mixed with; itself when it was not mixed).
+
+Random draws come from a numpy generator keyed by (seed, epoch, rank) and reset by ``set_epoch``,
+so a resumed run mixes the same way.
+"""
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from timm_ferkd.errors import ConfigError
+
+__all__ = ['MIX_METHODS', 'LAM_MODES', 'SelfMix', 'SoftMixup', 'create_selfmix', 'create_soft_mixup']
+
+MIX_METHODS = ('mixup', 'cutmix', 'switch')
+LAM_MODES = ('batch', 'pair', 'elem')
+
+
+class _SoftLabelMix:
+    """Shared machinery: parameter checks, random draws, pixel and label mixing.
+
+    Args:
+        mixup_alpha: Beta alpha of Mixup (0 disables Mixup).
+        cutmix_alpha: Beta alpha of CutMix (0 disables CutMix).
+        prob: Probability of mixing a batch (``'batch'``) or a crop (``'pair'``/``'elem'``).
+        switch_prob: Probability of CutMix instead of Mixup when both are on.
+        mode: ``lam`` granularity: ``'batch'`` or per crop (``'pair'``/``'elem'``).
+        method: Force ``'mixup'``, ``'cutmix'`` or ``'switch'``; None derives it from the alphas.
+        seed: Seed of the random draws.
+        rank: Distributed rank, so that ranks draw differently.
+    """
+
+    def __init__(
+            self,
+            mixup_alpha: float = 1.0,
+            cutmix_alpha: float = 0.0,
+            prob: float = 1.0,
+            switch_prob: float = 0.5,
+            mode: str = 'batch',
+            method: Optional[str] = None,
+            seed: int = 0,
+            rank: int = 0,
+    ):
+        if mode not in LAM_MODES:
+            raise ConfigError(
+                f'mixing mode {mode!r} is the lam granularity, one of {", ".join(LAM_MODES)}; choose Mixup or '
+                f'CutMix with method= ({", ".join(MIX_METHODS)}) or the alphas')
+        if not (mixup_alpha >= 0 and cutmix_alpha >= 0):
+            raise ConfigError(f'mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0')
+        if not 0.0 <= prob <= 1.0 or not 0.0 <= switch_prob <= 1.0:
+            raise ConfigError(f'prob={prob} and switch_prob={switch_prob} must lie in [0, 1]')
+        if method is None:
+            if mixup_alpha > 0 and cutmix_alpha > 0:
+                method = 'switch'
+            elif mixup_alpha > 0:
+                method = 'mixup'
+            elif cutmix_alpha > 0:
+                method = 'cutmix'
+            else:
+                raise ConfigError('mixing needs mixup_alpha > 0 or cutmix_alpha > 0')
+        if method not in MIX_METHODS:
+            raise ConfigError(f'mixing method {method!r} must be one of {", ".join(MIX_METHODS)}')
+        needed = {'mixup': (mixup_alpha,), 'cutmix': (cutmix_alpha,), 'switch': (mixup_alpha, cutmix_alpha)}[method]
+        if not all(a > 0 for a in needed):
+            raise ConfigError(f'mixing method {method!r} needs its alpha(s) > 0 (mixup_alpha={mixup_alpha}, '
+                              f'cutmix_alpha={cutmix_alpha})')
+        self.mixup_alpha = float(mixup_alpha)
+        self.cutmix_alpha = float(cutmix_alpha)
+        self.prob = float(prob)
+        self.switch_prob = float(switch_prob)
+        self.mode = mode
+        self.method = method
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.mix_enabled = True
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reset the random stream to the one of ``epoch``."""
+        self.epoch = int(epoch)
+        self.rng = np.random.default_rng((self.seed, self.epoch, self.rank))
+
+    def _partner(self, batch_size: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _draw(self, n: int, height: int, width: int) -> Tuple[np.ndarray, ...]:
+        """Per-row (applied, use_cutmix, lam, box top, bottom, left, right), one draw per batch or per row."""
+        rng = self.rng
+        draws = 1 if self.mode == 'batch' else n
+        applied = rng.random(draws) < self.prob
+        if self.method == 'switch':
+            use_cutmix = rng.random(draws) < self.switch_prob
+        else:
+            use_cutmix = np.full(draws, self.method == 'cutmix')
+        alpha = np.where(use_cutmix, self.cutmix_alpha, self.mixup_alpha)
+        lam = rng.beta(np.maximum(alpha, 1e-12), np.maximum(alpha, 1e-12))
+        # timm's rand_bbox: a box of side fraction sqrt(1 - lam) centred uniformly, clipped to the image
+        cut = np.sqrt(1.0 - lam)
+        cut_h, cut_w = (height * cut).astype(np.int64), (width * cut).astype(np.int64)
+        cy, cx = rng.integers(0, height, size=draws), rng.integers(0, width, size=draws)
+        top, bottom = np.clip(cy - cut_h // 2, 0, height), np.clip(cy + (cut_h + 1) // 2, 0, height)
+        left, right = np.clip(cx - cut_w // 2, 0, width), np.clip(cx + (cut_w + 1) // 2, 0, width)
+        paste = use_cutmix & applied
+        top, bottom, left, right = (np.where(paste, v, 0) for v in (top, bottom, left, right))
+        area = (bottom - top) * (right - left)
+        lam = np.where(use_cutmix, 1.0 - area / float(height * width), lam)
+        lam = np.where(applied, lam, 1.0)
+        out = (applied, use_cutmix & applied, lam, top, bottom, left, right)
+        if draws == 1:
+            out = tuple(np.repeat(v, n) for v in out)
+        return out
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, target: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Mix a batch.
+
+        Args:
+            x: float [B, C, H, W] inputs (normalised or not: mixing commutes with normalisation).
+            target: Target dict with ``'soft'`` float [B, C].
+
+        Returns:
+            (mixed inputs, a new target dict with ``'soft'`` mixed and ``'lam'``, ``'partner'`` added).
+        """
+        n, _, height, width = x.shape
+        device = x.device
+        partner = self._partner(n)
+        target = dict(target)
+        if not self.mix_enabled:
+            applied = np.zeros(n, dtype=bool)
+            lam = np.ones(n)
+            use_cutmix = applied
+            boxes = (np.zeros(n, dtype=np.int64),) * 4
+        else:
+            applied, use_cutmix, lam, *boxes = self._draw(n, height, width)
+        partner = np.where(applied, partner, np.arange(n))
+        lam_t = torch.from_numpy(lam.astype(np.float32)).to(device, non_blocking=True)
+        target['lam'] = lam_t
+        target['partner'] = torch.from_numpy(partner.astype(np.int64)).to(device, non_blocking=True)
+        if not applied.any():
+            return x, target
+        index = target['partner']
+        x_b = x[index]
+        # CutMix rows keep lam_pix = 1 outside the box, so their unpasted pixels are exactly x
+        lam_pix = torch.from_numpy(np.where(use_cutmix, 1.0, lam).astype(np.float32)).to(device, non_blocking=True)
+        lam_pix = lam_pix.to(x.dtype).view(n, 1, 1, 1)
+        mixed = x * lam_pix + x_b * (1 - lam_pix)
+        if use_cutmix.any():
+            top, bottom, left, right = (torch.from_numpy(v.astype(np.int64)).to(device).view(n, 1) for v in boxes)
+            rows = torch.arange(height, device=device).view(1, height)
+            cols = torch.arange(width, device=device).view(1, width)
+            in_rows = (rows >= top) & (rows < bottom)
+            in_cols = (cols >= left) & (cols < right)
+            paste = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)
+            mixed = torch.where(paste, x_b, mixed)
+        soft = target['soft']
+        lam_s = lam_t.to(soft.dtype).view(n, 1)
+        target['soft'] = soft * lam_s + soft[index] * (1 - lam_s)
+        return mixed, target
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(method={self.method!r}, mixup_alpha={self.mixup_alpha}, '
+                f'cutmix_alpha={self.cutmix_alpha}, prob={self.prob}, switch_prob={self.switch_prob}, '
+                f'mode={self.mode!r})')
+
+
+class SelfMix(_SoftLabelMix):
+    """FerKD's SelfMix: Mixup/CutMix between crops of the same image (see the module docstring).
+
+    Args:
+        num_crops: Crops per image; the batch holds ``B / num_crops`` images, image-major. >= 2.
+        **kwargs: Mixing parameters (``mixup_alpha``, ``cutmix_alpha``, ``prob``, ``switch_prob``,
+            ``mode``, ``method``, ``seed``, ``rank``).
+    """
+
+    def __init__(self, num_crops: int, **kwargs):
+        if not isinstance(num_crops, int) or num_crops < 2:
+            raise ConfigError(f'SelfMix mixes crops of the same image and needs num_crops >= 2, got {num_crops!r}')
+        self.num_crops = num_crops
+        super().__init__(**kwargs)
+
+    def _partner(self, batch_size: int) -> np.ndarray:
+        k = self.num_crops
+        if batch_size % k:
+            raise ConfigError(f'SelfMix got {batch_size} crops, not a multiple of num_crops={k}')
+        groups = batch_size // k
+        # a non-zero rotation of each group is a derangement: every crop gets another crop of its image
+        shift = self.rng.integers(1, k, size=groups)
+        j = np.arange(k)
+        return ((j[None, :] + shift[:, None]) % k + (np.arange(groups) * k)[:, None]).reshape(-1)
+
+
+class SoftMixup(_SoftLabelMix):
+    """Mixup/CutMix across images with dense soft targets: row ``i`` mixes with row ``B - 1 - i``.
+
+    Args:
+        **kwargs: Mixing parameters (see :class:`SelfMix`).
+    """
+
+    def _partner(self, batch_size: int) -> np.ndarray:
+        return np.arange(batch_size)[::-1].copy()
+
+
+def create_selfmix(
+        mixup_alpha: float = 1.0,
+        cutmix_alpha: float = 0.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        mode: str = 'batch',
+        num_crops: int = 4,
+        method: Optional[str] = None,
+        seed: int = 0,
+        rank: int = 0,
+) -> Optional[SelfMix]:
+    """Create SelfMix from timm-style Mixup arguments; None when mixing is off.
+
+    Args:
+        mixup_alpha: Beta alpha of Mixup (0 disables it).
+        cutmix_alpha: Beta alpha of CutMix (0 disables it).
+        prob: Probability of mixing a batch (``mode='batch'``) or each crop.
+        switch_prob: Probability of CutMix instead of Mixup when both alphas are > 0.
+        mode: ``lam`` granularity: ``'batch'``, ``'pair'`` or ``'elem'`` (per crop).
+        num_crops: Crops per image in the batch.
+        method: Force ``'mixup'``, ``'cutmix'`` or ``'switch'``.
+        seed: Seed of the random draws.
+        rank: Distributed rank.
+
+    Returns:
+        The SelfMix, or None if both alphas are 0 or ``prob`` is 0.
+    """
+    if (mixup_alpha <= 0 and cutmix_alpha <= 0) or prob <= 0:
+        return None
+    return SelfMix(num_crops, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
+                   switch_prob=switch_prob, mode=mode, method=method, seed=seed, rank=rank)
+
+
+def create_soft_mixup(
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        mode: str = 'batch',
+        method: Optional[str] = None,
+        seed: int = 0,
+        rank: int = 0,
+) -> Optional[SoftMixup]:
+    """Create cross-image soft-label Mixup/CutMix (timm's defaults); None when mixing is off.
+
+    Args:
+        mixup_alpha: Beta alpha of Mixup (0 disables it).
+        cutmix_alpha: Beta alpha of CutMix (0 disables it).
+        prob: Probability of mixing a batch (``mode='batch'``) or each crop.
+        switch_prob: Probability of CutMix instead of Mixup when both alphas are > 0.
+        mode: ``lam`` granularity: ``'batch'``, ``'pair'`` or ``'elem'``.
+        method: Force ``'mixup'``, ``'cutmix'`` or ``'switch'``.
+        seed: Seed of the random draws.
+        rank: Distributed rank.
+
+    Returns:
+        The SoftMixup, or None if both alphas are 0 or ``prob`` is 0.
+    """
+    if (mixup_alpha <= 0 and cutmix_alpha <= 0) or prob <= 0:
+        return None
+    return SoftMixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
+                     mode=mode, method=method, seed=seed, rank=rank)

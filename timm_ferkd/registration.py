@@ -1,0 +1,191 @@
+"""Make timm's name-dispatched factories accept this package's datasets and losses.
+
+timm keeps registries for models and optimizers only; datasets and losses are chosen by name
+inside ``timm.data.create_dataset`` and ``timm.loss.create_classification_loss``. After an explicit
+:func:`register_with_timm`:
+
+* ``create_dataset('ferkd/<timm name>', root, split, soft_labels=BANK, ...)`` returns a
+  :class:`~timm_ferkd.data.dataset.RegionDataset` over ``create_dataset('<timm name>', ...)``
+  (``'ferkd/'`` alone wraps an image folder; ``input_img_mode`` picks the channels, ``seed`` seeds
+  region choice, other keyword arguments go to :func:`~timm_ferkd.data.dataset.create_region_dataset`);
+* ``create_classification_loss(loss_type)`` with a name of :data:`FERKD_LOSS_TYPES`
+  (``'soft_ce'``, ``'ferkd'``, ``'kd'``, ``'dtd'``, ``'fnkd'``) returns
+  ``timm_ferkd.losses.create_distill_loss(loss_type, **extra_kwargs)``, so
+  ``ClassificationTask(criterion_kwargs=dict(loss_type='ferkd'))`` works.
+
+Every other name goes to timm's original function untouched (same arguments, same result, same
+errors); a name timm itself defines always stays timm's. The functions are imported by name into
+several timm modules (``timm.data`` and ``timm.data.dataset_factory``; ``timm.loss``,
+``timm.loss._loss_factory``, ``timm.task``, ``timm.task.classification``), so every loaded ``timm``
+module binding the original is patched. Registering twice is a no-op; :func:`unregister_from_timm`
+restores the originals.
+"""
+import functools
+import inspect
+import sys
+from typing import Any, Callable, Dict, List, Tuple
+
+from timm_ferkd.errors import ConfigError
+
+__all__ = [
+    'FERKD_DATASET_PREFIX', 'FERKD_LOSS_TYPES', 'register_with_timm', 'unregister_from_timm', 'is_registered',
+]
+
+FERKD_DATASET_PREFIX = 'ferkd/'
+# kept here, not imported from timm_ferkd.losses, so that registering costs no import of the losses
+FERKD_LOSS_TYPES: Tuple[str, ...] = ('soft_ce', 'ferkd', 'kd', 'dtd', 'fnkd')
+
+_MARK = '_timm_ferkd_original'
+_wrappers: Dict[str, Callable] = {}
+
+# timm create_dataset arguments that only steer iterable datasets (or the default 42 seed);
+# a region dataset is map-style, so they are accepted and ignored
+_ITERABLE_ONLY_ARGS = ('is_training', 'batch_size', 'num_samples', 'repeats')
+_IMG_MODE_CHANS = {'L': 1, 'RGB': 3}
+
+
+def _original(func: Callable) -> Callable:
+    return getattr(func, _MARK, func)
+
+
+def _normalize_loss_name(name: str) -> str:
+    return name.lower().replace('-', '_')
+
+
+def _wrap_create_dataset(original: Callable) -> Callable:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def create_dataset(name, *args, **kwargs):
+        if not (isinstance(name, str) and name.lower().startswith(FERKD_DATASET_PREFIX)):
+            return original(name, *args, **kwargs)
+        return _create_ferkd_dataset(signature, name, args, kwargs)
+
+    setattr(create_dataset, _MARK, original)
+    return create_dataset
+
+
+def _create_ferkd_dataset(signature: inspect.Signature, name: str, args: tuple, kwargs: dict):
+    from timm_ferkd.data.dataset import create_region_dataset
+    inner = name[len(FERKD_DATASET_PREFIX):]
+    if inner.lower().startswith(FERKD_DATASET_PREFIX):
+        raise ConfigError(f'dataset {name!r}: the {FERKD_DATASET_PREFIX!r} prefix cannot be nested')
+    try:
+        bound = signature.bind(name, *args, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f'dataset {name!r}: {e}') from None
+    given = dict(bound.arguments)
+    extra = given.pop('kwargs', {})
+    given.pop('name')
+    for key in _ITERABLE_ONLY_ARGS:
+        given.pop(key, None)
+    if given.pop('load_bytes', False):
+        raise ConfigError(f'dataset {name!r}: load_bytes is not supported, region replay decodes the images')
+    mode = given.pop('input_img_mode', None)
+    if mode is not None and 'in_chans' not in extra:
+        if mode not in _IMG_MODE_CHANS:
+            raise ConfigError(f'dataset {name!r}: input_img_mode {mode!r} must be one of {", ".join(_IMG_MODE_CHANS)}')
+        extra['in_chans'] = _IMG_MODE_CHANS[mode]
+    if given.get('trust_remote_code') is False:
+        given.pop('trust_remote_code')  # timm's default; not every inner dataset accepts it
+    if 'split' not in given:
+        given['split'] = signature.parameters['split'].default
+    return create_region_dataset(inner, **given, **extra)
+
+
+def _wrap_create_classification_loss(original: Callable) -> Callable:
+    signature = inspect.signature(original)
+    timm_types = set(_timm_loss_types())
+
+    @functools.wraps(original)
+    def create_classification_loss(loss_type=None, *args, **kwargs):
+        if not (isinstance(loss_type, str) and loss_type not in timm_types
+                and _normalize_loss_name(loss_type) in FERKD_LOSS_TYPES):
+            return original(loss_type, *args, **kwargs)
+        return _create_ferkd_loss(signature, loss_type, args, kwargs)
+
+    setattr(create_classification_loss, _MARK, original)
+    return create_classification_loss
+
+
+def _create_ferkd_loss(signature: inspect.Signature, loss_type: str, args: tuple, kwargs: dict):
+    timm_kwargs = {k: v for k, v in kwargs.items() if k in signature.parameters}
+    extra = {k: v for k, v in kwargs.items() if k not in signature.parameters}
+    try:
+        bound = signature.bind(loss_type, *args, **timm_kwargs)
+    except TypeError as e:
+        raise ConfigError(f'loss {loss_type!r}: {e}') from None
+    for key, value in bound.arguments.items():
+        if key in ('loss_type', 'soft_targets'):  # our losses always take the soft target dict
+            continue
+        default = signature.parameters[key].default
+        try:
+            unchanged = value is default or bool(value == default)
+        except (TypeError, ValueError, RuntimeError):  # tensors and sequences compare elementwise
+            unchanged = False
+        if not unchanged:
+            raise ConfigError(
+                f'loss {loss_type!r} is a timm-ferkd distillation loss: timm option {key}={value!r} does not apply '
+                f'(pass the loss\'s own arguments, e.g. temperature=..., instead)')
+    from timm_ferkd.losses import create_distill_loss
+    return create_distill_loss(loss_type, **extra)
+
+
+def _timm_loss_types() -> Tuple[str, ...]:
+    from timm.loss import _loss_factory
+    return tuple(_loss_factory.LOSS_TYPES)
+
+
+def _targets() -> List[Tuple[str, Callable, Callable]]:
+    """(key, original function, wrapper factory) of each patched timm factory."""
+    import timm.data.dataset_factory
+    import timm.loss._loss_factory
+    import timm.task  # noqa: F401, loads the modules that bind create_classification_loss
+    return [
+        ('create_dataset', _original(timm.data.dataset_factory.create_dataset), _wrap_create_dataset),
+        ('create_classification_loss', _original(timm.loss._loss_factory.create_classification_loss),
+         _wrap_create_classification_loss),
+    ]
+
+
+def _timm_modules() -> List[Any]:
+    return [m for n, m in list(sys.modules.items()) if m is not None and (n == 'timm' or n.startswith('timm.'))]
+
+
+def _rebind(old: Callable, new: Callable) -> int:
+    count = 0
+    for module in _timm_modules():
+        for attr, value in list(vars(module).items()):
+            if value is old:
+                setattr(module, attr, new)
+                count += 1
+    return count
+
+
+def register_with_timm() -> None:
+    """Patch timm's dataset and loss factories to accept timm-ferkd names (idempotent).
+
+    After this call ``timm.data.create_dataset('ferkd/<name>', ..., soft_labels=BANK)`` builds a region
+    dataset and ``timm.loss.create_classification_loss(loss_type='ferkd')`` (or ``'soft_ce'``, ``'kd'``,
+    ``'dtd'``, ``'fnkd'``) a distillation loss; all of timm's own names behave exactly as before.
+    """
+    for key, original, factory in _targets():
+        wrapper = _wrappers.get(key)
+        if wrapper is None or _original(wrapper) is not original:
+            wrapper = _wrappers[key] = factory(original)
+        _rebind(original, wrapper)
+
+
+def unregister_from_timm() -> None:
+    """Restore timm's original factories everywhere :func:`register_with_timm` patched them."""
+    for key, original, _ in _targets():
+        wrapper = _wrappers.get(key)
+        if wrapper is not None:
+            _rebind(wrapper, original)
+
+
+def is_registered() -> bool:
+    """Whether ``timm.data.create_dataset`` and ``timm.loss.create_classification_loss`` are patched."""
+    import timm.data
+    import timm.loss
+    return all(hasattr(f, _MARK) for f in (timm.data.create_dataset, timm.loss.create_classification_loss))
