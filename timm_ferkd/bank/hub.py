@@ -22,11 +22,12 @@ import json
 import logging
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 from timm_ferkd.bank.format import MANIFEST_NAME, BankManifest
 from timm_ferkd.bank.writer import sha256_file
@@ -261,29 +262,41 @@ def _resolve_commit(repo_id: str, revision: Optional[str], cache_dir: Optional[o
     raise LocalEntryNotFoundError(f'cannot resolve {repo_id}@{revision}: the Hub cannot be reached and it is not cached')
 
 
-def _byte_progress_class(bar):
-    """A tqdm stand-in for ``hf_hub_download`` that adds each file's bytes to one shared bar."""
+class _SharedProgress:
+    """One byte bar for many ``hf_hub_download`` calls (each call gets its own tqdm stand-in)."""
 
-    class _SharedBar:
-        def __init__(self, *args, **kwargs):
-            initial = kwargs.get('initial') or 0
-            if initial:
-                bar.update(initial)
+    def __init__(self, bar):
+        self.bar = bar
+        self.lock = threading.Lock()
 
-        def __enter__(self):
-            return self
+    def add(self, n: int) -> None:
+        if n:
+            with self.lock:
+                self.bar.update(n)
 
-        def __exit__(self, *exc):
-            return False
+    def file_class(self, counted: List[int]):
+        """A tqdm stand-in for one file: adds its bytes to the shared bar and to ``counted[0]``."""
+        shared = self
 
-        def update(self, n=1):
-            if n:
-                bar.update(n)
+        class _FileBar:
+            def __init__(self, *args, **kwargs):
+                self.update(kwargs.get('initial') or 0)
 
-        def __getattr__(self, name):  # close, refresh, set_postfix_str, update_transfer, ...
-            return lambda *args, **kwargs: None
+            def __enter__(self):
+                return self
 
-    return _SharedBar
+            def __exit__(self, *exc):
+                return False
+
+            def update(self, n=1):
+                if n:
+                    counted[0] += n
+                    shared.add(n)
+
+            def __getattr__(self, name):  # close, refresh, set_postfix_str, update_transfer, ...
+                return lambda *args, **kwargs: None
+
+        return _FileBar
 
 
 def _download(repo_id: str, filename: str, commit: str, local_dir, cache_dir, force_download: bool,
@@ -342,23 +355,28 @@ def pull_bank(
     if download_shards and manifest.shards:
         total = sum(r.bytes for r in manifest.shards)
         bar = None
-        tqdm_class = None
         if _show_progress(progress):
             from tqdm.auto import tqdm
             bar = tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
                        desc=f'pull {repo_id}')
-            tqdm_class = _byte_progress_class(bar)
+        shared = _SharedProgress(bar) if bar is not None else None
+
+        def fetch(record) -> Path:
+            counted = [0]
+            try:
+                path = _download(repo_id, record.file, commit, local_dir, cache_dir, force_download,
+                                 shared.file_class(counted) if shared is not None else None)
+            except _hf_errors('RemoteEntryNotFoundError'):
+                raise HubError(
+                    f'{display}: the repo at commit {commit[:10]} lacks {record.file}, which its {MANIFEST_NAME} '
+                    f'lists (an interrupted push?); push the bank again or use an earlier revision') from None
+            if shared is not None:  # cached files report nothing: count them when they are there
+                shared.add(max(record.bytes - counted[0], 0))
+            return path
+
         try:
             with _hub_errors(repo_id, revision), ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-                paths = list(pool.map(
-                    lambda r: _download(repo_id, r.file, commit, local_dir, cache_dir, force_download, tqdm_class),
-                    manifest.shards))
-        except HubError as e:
-            if 'is not a timm-ferkd bank' in str(e):
-                raise HubError(
-                    f'{display}: the repo at commit {commit[:10]} lacks shards its {MANIFEST_NAME} lists (an '
-                    f'interrupted push?); push the bank again or use an earlier revision') from None
-            raise
+                paths = list(pool.map(fetch, manifest.shards))
         finally:
             if bar is not None:
                 bar.close()

@@ -18,6 +18,8 @@ _COMMANDS = {
     'generate': 'generate',
     'inspect': 'inspect',
     'verify': 'verify',
+    'plot': 'plot',
+    'demo': 'demo',
     'pull': 'pull',
     'push': 'push',
     'import-fkd': 'import_fkd',

@@ -95,7 +95,8 @@ class CalibrationConfig:
         values = (self.low, self.mid, self.top)
         for name, value in zip(('low', 'mid', 'top'), values):
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ConfigError(f'FerKD calibration {name}={value!r} must lie in [0, 1] ({kind} of the max probability)')
+                raise ConfigError(
+                    f'FerKD calibration {name}={value!r} must lie in [0, 1] ({kind} of the max probability)')
         if not self.low <= self.mid <= self.top:
             raise ConfigError(
                 f'FerKD calibration {kind} out of order: need low <= mid <= top, got low={self.low}, '

@@ -126,6 +126,12 @@ class RegionDataset(Dataset):
         seed: Seed of region choice and jitter.
         num_classes: The student's class count, checked against the bank when given.
 
+    Attributes:
+        categories: int8 [num_images, R] category of every region (``CATEGORY_*``), computed once from
+            ``bank.all_max_probs()``; None without calibration (every region soft).
+        num_eligible: int64 [num_images], non-discarded regions per image.
+        label_transform: The composed per-crop label transform.
+
     Raises:
         BankMismatchError: The bank belongs to another dataset, split or class count.
         ConfigError: ``num_crops < 1``, bad thresholds, or a calibration that discards every region
@@ -176,16 +182,20 @@ class RegionDataset(Dataset):
                 f'the bank labels the first {self.num_images} of {len(source)} images of {source.name} '
                 f'(split {source.split}): training on those {self.num_images} only')
 
-        max_probs = bank.all_max_probs()
+        # Confidences are read (all value arrays, once) only when calibration needs them; without it
+        # every region is eligible and soft, and no [N, R] array is kept.
+        max_probs = bank.all_max_probs() if calibration is not None else None
         self.label_transform = create_label_transform(
             self.num_classes, calibration, max_probs, prob_shift=prob_shift, temperature=label_temperature)
         ferkd = self.label_transform.calibration
+        regions = manifest.regions_per_image
         if ferkd is None:
-            self.categories = np.zeros(max_probs.shape, dtype=np.int8)
+            self.categories: Optional[np.ndarray] = None
+            self.num_eligible = np.full(self.num_images, regions, dtype=np.int64)
         else:
             self.categories = ferkd.categorize(max_probs)
+            self.num_eligible = (self.categories != CATEGORY_DISCARD).sum(axis=1)
         del max_probs
-        self.num_eligible = (self.categories != CATEGORY_DISCARD).sum(axis=1)
         self._check_eligible()
 
     def _check_eligible(self) -> None:
@@ -209,6 +219,8 @@ class RegionDataset(Dataset):
 
     def category_counts(self) -> Dict[str, int]:
         """Number of regions per category over the bank (soft, hard, discarded)."""
+        if self.categories is None:
+            return {'soft': self.num_images * self.bank.regions_per_image, 'hard': 0, 'discard': 0}
         return {
             'soft': int((self.categories == CATEGORY_SOFT).sum()),
             'hard': int((self.categories == CATEGORY_HARD).sum()),
@@ -230,14 +242,28 @@ class RegionDataset(Dataset):
             (shuffled) followed by repeats drawn with replacement.
         """
         epoch = self.epoch if epoch is None else int(epoch)
-        eligible = np.flatnonzero(self.categories[index] != CATEGORY_DISCARD)
+        if self.categories is None:
+            eligible = np.arange(self.bank.regions_per_image)
+        else:
+            eligible = np.flatnonzero(self.categories[index] != CATEGORY_DISCARD)
         rng = self._rng(index, epoch, _STREAM_REGIONS)
         if eligible.size >= self.num_crops:
             return rng.choice(eligible, size=self.num_crops, replace=False)
         extra = rng.choice(eligible, size=self.num_crops - eligible.size, replace=True)
         return np.concatenate([rng.permutation(eligible), extra])
 
-    def __getitem__(self, key: Union[int, EpochKey, Tuple[int, int]]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def __getitem__(
+            self,
+            key: Union[int, EpochKey, Tuple[int, int]],
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Crops and per-crop targets of one image.
+
+        Args:
+            key: Image index (regions of the current epoch), or ``EpochKey(index, epoch)``.
+
+        Returns:
+            (uint8 [num_crops, C, H, W], target dict; see the class docstring).
+        """
         if isinstance(key, tuple):
             index, epoch = int(key[0]), int(key[1])
         else:
@@ -256,13 +282,16 @@ class RegionDataset(Dataset):
                 f'regenerate the bank')
         rng = self._rng(index, epoch, _STREAM_JITTER) if self.post_transform.color_jitter > 0 else None
         size = self.input_size[1:]
-        crops = torch.stack([
-            self.post_transform(replay_region(image, box, flip, size, self._pil_interpolation), rng)
-            for box, flip in zip(regions.boxes, regions.flips)])
+        crops = torch.empty((self.num_crops,) + self.input_size, dtype=torch.uint8)
+        for j, (box, flip) in enumerate(zip(regions.boxes, regions.flips)):
+            self.post_transform(replay_region(image, box, flip, size, self._pil_interpolation), rng, out=crops[j])
 
         n = self.num_crops
         label = torch.full((n,), target, dtype=torch.long)
-        category = torch.from_numpy(self.categories[index, ids].astype(np.int8))
+        if self.categories is None:
+            category = torch.full((n,), CATEGORY_SOFT, dtype=torch.int8)
+        else:
+            category = torch.from_numpy(self.categories[index, ids].astype(np.int8))
         soft = self.label_transform(self.bank.dense_targets(index, ids), label, category)
         return crops, {
             'soft': soft,
@@ -278,7 +307,9 @@ class RegionDataset(Dataset):
                 f'labels={self.label_transform!r}, bank={self.bank!r})')
 
 
-def collate_regions(batch: Sequence[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def collate_regions(
+        batch: Sequence[Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Concatenate items image-major: the crops of one image are neighbouring rows.
 
     Args:

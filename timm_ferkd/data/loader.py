@@ -29,6 +29,7 @@ from functools import partial
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed
 import torch.utils.data
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
@@ -138,6 +139,16 @@ class RegionLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    @property
+    def mixup_enabled(self) -> bool:
+        """Whether mixing is on (timm's train script turns it off after ``--mixup-off-epoch``)."""
+        return self.mixing is not None and self.mixing.mix_enabled
+
+    @mixup_enabled.setter
+    def mixup_enabled(self, value: bool) -> None:
+        if self.mixing is not None:
+            self.mixing.mix_enabled = bool(value)
 
     def set_epoch(self, epoch: int) -> None:
         """Select epoch ``epoch`` everywhere: image order, region choice, jitter and mixing."""
@@ -249,6 +260,9 @@ def create_region_loader(
     if selfmix is not None and getattr(selfmix, 'num_crops', num_crops) != num_crops:
         raise ConfigError(f'SelfMix was built for num_crops={selfmix.num_crops} but the dataset has {num_crops}')
     seed = dataset.seed if seed is None else int(seed)
+    if distributed and (num_replicas is None or rank is None) and not torch.distributed.is_initialized():
+        raise ConfigError('distributed=True needs an initialised process group (torchrun + init_process_group) '
+                          'or explicit num_replicas and rank')
     if distributed:
         # training drops the uneven tail (a different one each epoch, after the shuffle) instead of
         # padding with repeats, so no image reaches two ranks in one epoch

@@ -132,7 +132,11 @@ class _SoftLabelMix:
         return out
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, target: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def __call__(
+            self,
+            x: torch.Tensor,
+            target: Dict[str, torch.Tensor],
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Mix a batch.
 
         Args:

@@ -16,13 +16,24 @@ from timm_ferkd.errors import ConfigError
 __all__ = ['RegionPostTransform', 'pil_to_uint8_tensor']
 
 
-def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """uint8 [C, H, W] tensor of a PIL image ('L' gives C = 1), without scaling."""
-    array = np.asarray(image, dtype=np.uint8)  # read-only view of PIL's buffer copy
-    if array.ndim == 2:
-        return torch.from_numpy(array.copy()).unsqueeze(0)
-    # the CHW copy is the one copy we need, and it is writable
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+def pil_to_uint8_tensor(image: Image.Image, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 [C, H, W] tensor of a PIL image ('L' gives C = 1), without scaling.
+
+    Args:
+        image: The image.
+        out: Optional uint8 [C, H, W] tensor to write into (saves a copy when stacking crops).
+
+    Returns:
+        The tensor (``out`` when given).
+    """
+    array = np.asarray(image, dtype=np.uint8)  # read-only view of a copy of PIL's buffer
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    if out is not None:
+        # numpy does the strided HWC -> CHW copy straight into the tensor's memory
+        np.copyto(out.numpy(), array)
+        return out
+    # the C-ordered copy is the one copy we need, and it is writable
+    return torch.from_numpy(array.copy())
 
 
 class RegionPostTransform:
@@ -40,19 +51,25 @@ class RegionPostTransform:
             raise ConfigError(f'color_jitter {color_jitter!r} must be >= 0')
         self.color_jitter = float(color_jitter)
 
-    def __call__(self, image: Image.Image, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+    def __call__(
+            self,
+            image: Image.Image,
+            rng: Optional[np.random.Generator] = None,
+            out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Transform one region.
 
         Args:
             image: The replayed region.
             rng: Source of the jitter factors (required when jitter is on).
+            out: Optional uint8 [C, H, W] tensor to write into.
 
         Returns:
             uint8 [C, H, W].
         """
         if self.color_jitter > 0:
             image = self._jitter(image, rng)
-        return pil_to_uint8_tensor(image)
+        return pil_to_uint8_tensor(image, out)
 
     def _jitter(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
         s = self.color_jitter

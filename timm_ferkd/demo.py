@@ -1,0 +1,146 @@
+"""The Fashion-MNIST demo: teacher -> bank -> students (plain, FKD, FerKD) -> table and plot.
+
+Every step runs the real command line (``train_ferkd.py`` and ``timm-ferkd``) in a subprocess, so the
+demo is also a worked example of the commands a user types. Sizes default to a run of about ten
+minutes on two CPU cores.
+"""
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence
+
+from timm_ferkd.data.fashion_mnist import ensure_fashion_mnist
+from timm_ferkd.errors import FerKDError
+
+__all__ = ['DemoConfig', 'run_demo']
+
+
+@dataclass
+class DemoConfig:
+    """Demo sizes.
+
+    Args:
+        output: Directory for data, bank, runs, table and plot.
+        data_dir: Fashion-MNIST data directory (default: ``output/data``).
+        images: Training images (the first N of the 60k).
+        val_images: Validation images (the first N of the 10k).
+        teacher: timm teacher model.
+        student: timm student model.
+        teacher_epochs: Teacher training epochs.
+        epochs: Offline student epochs; plain training gets ``epochs * num_crops`` (equal crops seen).
+        regions: Regions labelled per image.
+        num_crops: Crops replayed per decoded image.
+        batch_size: Crops per step.
+        workers: Data loading workers.
+        seed: Seed of everything.
+    """
+    output: str = 'demo-output'
+    data_dir: str = ''
+    images: int = 10000
+    val_images: int = 5000
+    teacher: str = 'resnet18'
+    student: str = 'test_resnet'
+    teacher_epochs: int = 4
+    epochs: int = 3
+    regions: int = 24
+    num_crops: int = 4
+    batch_size: int = 128
+    workers: int = 2
+    seed: int = 0
+
+
+def _run(step: str, cmd: Sequence[str], log: Path) -> None:
+    print(f'\n=== {step}\n$ {" ".join(shlex.quote(c) for c in cmd)}', flush=True)
+    start = time.perf_counter()
+    with open(log, 'w') as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            f.write(line)
+            # progress for the user: the log lines of training and the summary lines of the tools
+            if line.startswith(('train epoch', 'epoch ', 'bank ', 'labelled', '***', 'timm-ferkd', 'train_ferkd')) \
+                    or 'error' in line.lower():
+                print('   ' + line.rstrip(), flush=True)
+        proc.wait()
+    if proc.returncode != 0:
+        raise FerKDError(f'demo step "{step}" failed (exit {proc.returncode}); see {log}')
+    print(f'   done in {time.perf_counter() - start:.0f}s', flush=True)
+
+
+def run_demo(cfg: DemoConfig) -> List[dict]:
+    """Run the whole pipeline and print a table of top-1 per method.
+
+    Args:
+        cfg: Demo sizes.
+
+    Returns:
+        One row per student: method, best and final top-1.
+    """
+    from timm_ferkd.runs import load_run, plot_runs
+    out = Path(cfg.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(cfg.data_dir or out / 'data')
+    print(f'preparing Fashion-MNIST in {data_dir}', flush=True)
+    ensure_fashion_mnist(data_dir)
+    runs, logs = out / 'runs', out / 'logs'
+    logs.mkdir(exist_ok=True)
+    py = sys.executable
+    common = ['--data-dir', str(data_dir), '--dataset', 'torch/fashion_mnist', '--num-classes', '10',
+              '--input-size', '1', '28', '28', '--val-subset', str(cfg.val_images), '-j', str(cfg.workers),
+              '--seed', str(cfg.seed), '--output', str(runs), '--log-interval', '20', '--opt', 'sgd',
+              '--weight-decay', '5e-4', '--sched', 'cosine', '--warmup-epochs', '0']
+    start = time.perf_counter()
+
+    teacher_dir = runs / 'teacher'
+    if not (teacher_dir / 'model_best.pth.tar').is_file():
+        _run('1/5 train the teacher', [
+            py, '-m', 'train_ferkd', *common, '--model', cfg.teacher, '--experiment', 'teacher',
+            '--train-subset', str(cfg.images), '--epochs', str(cfg.teacher_epochs), '-b', str(cfg.batch_size),
+            '--lr', '0.1', '--scale', '0.35', '1', '--smoothing', '0.1'], logs / 'teacher.log')
+    bank = out / 'bank'
+    _run('2/5 label regions with the teacher (soft-label bank)', [
+        py, '-m', 'timm_ferkd', 'generate', '--model', cfg.teacher, '--checkpoint',
+        str(teacher_dir / 'model_best.pth.tar'), '--num-classes', '10', '--in-chans', '1',
+        '--dataset', 'torch/fashion_mnist', '--data-dir', str(data_dir), '--num-images', str(cfg.images),
+        '--regions', str(cfg.regions), '--input-size', '1', '28', '28', '--scale', '0.35', '1',
+        '--seed', str(cfg.seed), '-j', str(cfg.workers), '-b', '512', '--images-per-shard', '2000',
+        '--output', str(bank)], logs / 'generate.log')
+    _run('   inspect the bank', [py, '-m', 'timm_ferkd', 'inspect', str(bank), '--plot', str(out / 'bank_max_prob.png')],
+         logs / 'inspect.log')
+    print((logs / 'inspect.log').read_text(), flush=True)
+
+    student = ['--model', cfg.student, '-b', str(cfg.batch_size), '--lr', '0.2']
+    offline = ['--soft-labels', str(bank), '--num-crops', str(cfg.num_crops), '--epochs', str(cfg.epochs)]
+    methods = [
+        ('plain', 'supervised, RandomResizedCrop, label smoothing',
+         ['--train-subset', str(cfg.images), '--epochs', str(cfg.epochs * cfg.num_crops), '--scale', '0.35', '1']),
+        ('fkd', 'FKD: soft CE on stored region labels',
+         [*offline, '--distill-loss', 'soft_ce']),
+        ('ferkd', 'FerKD: calibrated regions + SelfMix',
+         [*offline, '--distill-loss', 'ferkd', '--calib-quantile', '--calib-low', '0.05', '--calib-mid', '0.2',
+          '--calib-top', '1.0', '--selfmix', '0.8', '--selfmix-cutmix', '1.0', '--selfmix-prob', '0.5']),
+    ]
+    for i, (name, _, flags) in enumerate(methods):
+        _run(f'{3 + i}/5 train the student: {name}',
+             [py, '-m', 'train_ferkd', *common, *student, '--experiment', name, *flags], logs / f'{name}.log')
+
+    loaded = [load_run(runs / name) for name, _, _ in methods]
+    plot = out / 'convergence.png'
+    plot_runs(loaded, plot, x='crops', title=f'{cfg.student} on Fashion-MNIST ({cfg.images} images)')
+    teacher_run = load_run(teacher_dir)
+    rows = [dict(method=name, description=desc, best=r.best_top1, final=r.final_top1)
+            for (name, desc, _), r in zip(methods, loaded)]
+    lines = [f'Fashion-MNIST demo: student {cfg.student}, teacher {cfg.teacher} '
+             f'(top-1 {teacher_run.best_top1:.2f}), {cfg.images} training images, '
+             f'{cfg.epochs * cfg.num_crops} crops seen per image, {cfg.val_images} validation images',
+             f'{"method":<8} {"best top-1":>10} {"final top-1":>11}  description']
+    lines += [f'{r["method"]:<8} {r["best"]:>10.2f} {r["final"]:>11.2f}  {r["description"]}' for r in rows]
+    lines.append(f'plot: {plot}   bank histogram: {out / "bank_max_prob.png"}   '
+                 f'total time {time.perf_counter() - start:.0f}s')
+    table = '\n'.join(lines)
+    (out / 'results.txt').write_text(table + '\n')
+    print('\n' + table, flush=True)
+    return rows
