@@ -440,7 +440,7 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
                 loss_scaler=loss_scaler, log_info=primary)
             if task.has_ema():
                 load_task_ema_checkpoint(task, args.resume)
-        except (RuntimeError, KeyError, EOFError, OSError, ValueError) as e:
+        except Exception as e:  # corrupt or foreign files fail in many ways (pickle, keys, shapes)
             raise ConfigError(f'cannot resume from {args.resume}: {str(e).splitlines()[0][:200]} '
                               f'(use a last.pth.tar / recovery checkpoint of the same --model)') from None
 
@@ -501,8 +501,6 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
             loader_train.set_epoch(epoch)
         elif hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)
-        # model randomness (dropout, drop-path) depends only on (seed, epoch, rank): resume is exact
-        torch.manual_seed(args.seed + 1_000_003 * epoch + args.rank)
         train_metrics = _train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, autocast, loss_scaler, lr_scheduler,
             mixup_fn, stop, saver, updates_per_epoch)
@@ -665,6 +663,10 @@ def _train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, los
     end = time.time()
     last_idx = len(loader) - 1
     for batch_idx, (input, target) in enumerate(loader):
+        if batch_idx == 0:
+            # model randomness (dropout, drop-path) depends only on (seed, epoch, rank), so a resumed run
+            # replays it; seeded after the loader started since starting workers draws from this RNG
+            torch.manual_seed(args.seed + 1_000_003 * epoch + args.rank)
         if not isinstance(target, dict):
             input, target = input.to(device), target.to(device)
             if mixup_fn is not None:

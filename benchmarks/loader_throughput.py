@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument('--regions', type=int, default=8, help='regions per image in the bank')
     parser.add_argument('--crops', type=int, default=4096, help='minimum crops timed per loader')
     parser.add_argument('--warmup-steps', type=int, default=3)
-    parser.add_argument('--repeats', type=int, default=1, help='alternate the two loaders this many times')
+    parser.add_argument('--repeats', type=int, default=2, help='alternate the two loaders this many times')
     parser.add_argument('--data-dir', default=None, help='keep the images and bank here (reused when present)')
     parser.add_argument('--smoke', action='store_true', help='tiny, fast configuration for CI')
     args = parser.parse_args(argv)

@@ -7,7 +7,6 @@ the reference ``label_quantization`` of a softmax, ``torch.save([coords, flip, q
 """
 import io
 import os
-import pickle
 import shlex
 import zipfile
 from pathlib import Path

@@ -132,6 +132,8 @@ def test_ferkd_dataset_prefix(registered, folder, tmp_path):
     assert isinstance(ds, RegionDataset) and len(ds) == 6 and ds.seed == 3 and ds.input_size == (3, 16, 16)
     crops, target = ds[0]
     assert crops.shape == (2, 3, 16, 16)
+    # no split: 'train' (the bank's), not timm's 'validation'
+    assert len(timm.data.create_dataset('ferkd/', str(folder), soft_labels=bank)) == 6
     with pytest.raises(ConfigError, match='soft_labels'):
         timm.data.create_dataset('ferkd/', root=str(folder))
     with pytest.raises(ConfigError, match='nested'):

@@ -6,8 +6,9 @@ inside ``timm.data.create_dataset`` and ``timm.loss.create_classification_loss``
 
 * ``create_dataset('ferkd/<timm name>', root, split, soft_labels=BANK, ...)`` returns a
   :class:`~timm_ferkd.data.dataset.RegionDataset` over ``create_dataset('<timm name>', ...)``
-  (``'ferkd/'`` alone wraps an image folder; ``input_img_mode`` picks the channels, ``seed`` seeds
-  region choice, other keyword arguments go to :func:`~timm_ferkd.data.dataset.create_region_dataset`);
+  (``'ferkd/'`` alone wraps an image folder; ``split`` defaults to 'train' as banks label training
+  sets; ``input_img_mode`` picks the channels, ``seed`` seeds region choice, iterable-only options
+  are ignored, other keyword arguments go to :func:`~timm_ferkd.data.dataset.create_region_dataset`);
 * ``create_classification_loss(loss_type)`` with a name of :data:`FERKD_LOSS_TYPES`
   (``'soft_ce'``, ``'ferkd'``, ``'kd'``, ``'dtd'``, ``'fnkd'``) returns
   ``timm_ferkd.losses.create_distill_loss(loss_type, **extra_kwargs)``, so
@@ -88,8 +89,6 @@ def _create_ferkd_dataset(signature: inspect.Signature, name: str, args: tuple, 
         extra['in_chans'] = _IMG_MODE_CHANS[mode]
     if given.get('trust_remote_code') is False:
         given.pop('trust_remote_code')  # timm's default; not every inner dataset accepts it
-    if 'split' not in given:
-        given['split'] = signature.parameters['split'].default
     return create_region_dataset(inner, **given, **extra)
 
 

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from timm_ferkd.bank.format import (
-    EXPLICIT_SAMPLER, MANIFEST_NAME, BankManifest, ShardRecord, TeacherInfo, shard_file_name)
+    EXPLICIT_SAMPLER, MANIFEST_NAME, BankManifest, ShardRecord, TeacherInfo)
 from timm_ferkd.bank.labels import index_dtype
 from timm_ferkd.bank.writer import atomic_write_bytes, shard_record_path, write_shard
 from timm_ferkd.errors import BankError, ConfigError, FerKDError
@@ -379,7 +379,8 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     dataset = source.dataset
     rel_paths, abs_paths = _folder_paths(dataset, cfg.dataset)
     targets = dataset_targets(dataset)
-    class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None) or getattr(dataset, 'class_to_idx', None)
+    reader = getattr(dataset, 'reader', None)
+    class_to_idx = getattr(reader, 'class_to_idx', None) or getattr(dataset, 'class_to_idx', None)
     num_classes = cfg.num_classes or (len(class_to_idx) if class_to_idx else int(targets.max()) + 1)
 
     available = _index_label_files(root)
@@ -401,13 +402,14 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
                           f'found); pass the folder that holds <{cfg.split}>/<class>/<image>.tar')
     if missing and not cfg.fill_missing:
         raise BankError(
-            f'{len(missing)} of {len(rel_paths)} images have no FKD label file in {root} (e.g. {missing[0]}); '
+            f'{len(missing)} of {len(rel_paths)} images have no FKD label file in {root} (e.g. '
+            f'{", ".join(missing[:3])}); '
             f'complete the labels, or pass --fill-missing to give them hard ground-truth labels')
 
     first = next(f for f in label_files if f is not None)
     coords, _, quantized = load_fkd_file(first)
     regions = cfg.regions or coords.shape[0]
-    label_type, k = parse_fkd_label_type(cfg.label_type)
+    label_type, _ = parse_fkd_label_type(cfg.label_type)
     k = convert_fkd_labels(quantized, cfg.label_type, first)[0].shape[1]
     if k > num_classes:
         raise ConfigError(f'the labels keep {k} classes but the dataset has {num_classes}; pass --num-classes')

@@ -259,7 +259,8 @@ def _resolve_commit(repo_id: str, revision: Optional[str], cache_dir: Optional[o
         pass
     if (refs / revision).is_file():
         return (refs / revision).read_text().strip()
-    raise LocalEntryNotFoundError(f'cannot resolve {repo_id}@{revision}: the Hub cannot be reached and it is not cached')
+    raise LocalEntryNotFoundError(
+        f'cannot resolve {repo_id}@{revision}: the Hub cannot be reached and it is not cached')
 
 
 class _SharedProgress:

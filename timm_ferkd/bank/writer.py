@@ -74,13 +74,14 @@ def write_shard(
         shard_index: Shard number.
         first_image: Index of the shard's first image.
         tensors: Shard arrays (see ``timm_ferkd.bank.format``).
-        metadata: Extra string metadata for the safetensors header. Its key order is not stable
-            across runs (safetensors hashes it), so shards that must be byte-identical pass none.
+        metadata: Extra metadata, stored as one sorted-JSON string under the header key ``timm_ferkd``
+            (safetensors does not keep the order of several keys, which would change the shard's bytes).
 
     Returns:
         The shard's record.
     """
-    data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    header = {'timm_ferkd': json.dumps(metadata, sort_keys=True)} if metadata else None
+    data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=header)
     name = shard_file_name(shard_index)
     atomic_write_bytes(Path(bank_dir) / name, data)
     record = ShardRecord(

@@ -181,7 +181,6 @@ class RegionLoader:
             stream_context = partial(torch.cuda.stream, stream=self.stream)
         else:
             stream_context = suppress
-        first = True
         batch = None
         for crops, target in self.loader:
             if self.is_cuda:
@@ -189,9 +188,9 @@ class RegionLoader:
                 self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with stream_context():
                 next_batch = self._to_device(crops, target)
-            if not first:
+            if batch is not None:
+                # the previous step is consumed (and mixed) while this one copies on the side stream
                 yield self._mix(*batch)
-            first = False
             if self.is_cuda:
                 torch.cuda.current_stream(self.device).wait_stream(self.stream)
             batch = next_batch

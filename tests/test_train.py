@@ -1,0 +1,165 @@
+"""train_ferkd.py end to end on a Fashion-MNIST subset: every mode, resume, torchrun, checkpoints, errors."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+
+IMAGES = 192
+
+
+@pytest.fixture(scope='module')
+def bank(fmnist_root, teacher_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp('train') / 'bank'
+    run_cli('generate', '--model', 'test_resnet', '--checkpoint', teacher_checkpoint, '--num-classes', '10',
+            '--in-chans', '1', '--dataset', 'torch/fashion_mnist', '--data-dir', fmnist_root,
+            '--num-images', IMAGES, '--regions', '8', '--input-size', '1', '28', '28', '-j', '0',
+            '--images-per-shard', '96', '--no-progress', '--output', out)
+    return out
+
+
+def train(fmnist_root, output, *extra, check=True, env=None, launcher=()):
+    cmd = [*launcher] if launcher else [sys.executable]
+    cmd += [str(REPO / 'train_ferkd.py'), '--data-dir', str(fmnist_root), '--dataset', 'torch/fashion_mnist',
+            '--model', 'test_resnet', '--num-classes', '10', '--input-size', '1', '28', '28',
+            '--val-subset', '128', '-b', '32', '--epochs', '1', '--warmup-epochs', '0', '-j', '0',
+            '--lr', '0.05', '--output', str(output), '--log-interval', '2', '--seed', '3', *map(str, extra)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f'{" ".join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}')
+    return result
+
+
+def summary_rows(run_dir: Path):
+    import csv
+    with open(run_dir / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+def test_plain(fmnist_root, tmp_path):
+    train(fmnist_root, tmp_path, '--experiment', 'plain', '--train-subset', IMAGES, '--epochs', '2')
+    run = tmp_path / 'plain'
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'args.yaml', 'summary.csv'):
+        assert (run / name).is_file(), name
+    rows = summary_rows(run)
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    assert 0 <= float(rows[-1]['eval_top1']) <= 100
+
+
+def test_online_kd_uses_timm_logit_distillation(fmnist_root, teacher_checkpoint, tmp_path):
+    result = train(fmnist_root, tmp_path, '--experiment', 'kd', '--train-subset', IMAGES,
+                   '--kd-model-name', 'test_resnet', '--kd-checkpoint', teacher_checkpoint, '--kd-temperature', '2')
+    assert 'LogitDistillationTask' in result.stdout + result.stderr
+    assert 'train_kd_loss' in (tmp_path / 'kd' / 'summary.csv').read_text()
+
+
+def test_fkd_offline(fmnist_root, bank, tmp_path):
+    result = train(fmnist_root, tmp_path, '--experiment', 'fkd', '--soft-labels', bank, '--num-crops', '4',
+                   '--distill-loss', 'soft_ce')
+    log = result.stdout + result.stderr
+    assert f'One epoch = {IMAGES} images decoded once x 4 crop(s) = {IMAGES * 4} crops' in log
+    assert 'train_soft_ce' in (tmp_path / 'fkd' / 'summary.csv').read_text()
+
+
+def test_ferkd_selfmix_vit_student(fmnist_root, bank, tmp_path):
+    train(fmnist_root, tmp_path, '--experiment', 'ferkd', '--soft-labels', bank, '--num-crops', '4',
+          '--distill-loss', 'ferkd', '--calib-quantile', '--calib-low', '0.05', '--calib-mid', '0.3',
+          '--selfmix', '0.8', '--selfmix-cutmix', '1.0', '--selfmix-prob', '1.0',
+          '--model', 'test_vit', '--model-kwargs', 'patch_size=4', '--opt', 'adamw', '--lr', '1e-3')
+    import timm
+    model = timm.create_model('test_vit', num_classes=10, in_chans=1, img_size=28, patch_size=4,
+                              checkpoint_path=str(tmp_path / 'ferkd' / 'model_best.pth.tar'))
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_vit_patch_size_mismatch_is_a_clear_error(fmnist_root, bank, tmp_path):
+    result = train(fmnist_root, tmp_path, '--soft-labels', bank, '--model', 'test_vit', check=False)
+    assert result.returncode == 2
+    assert "not a multiple of test_vit's patch size (16, 16)" in result.stderr
+
+
+def test_resume_equals_uninterrupted_and_best_checkpoint_loads(fmnist_root, bank, tmp_path):
+    common = ('--soft-labels', bank, '--num-crops', '4', '--distill-loss', 'ferkd', '--selfmix', '0.8',
+              '--model-ema', '--model-ema-decay', '0.9', '--epochs', '3', '--calib-quantile', '--calib-mid', '0.2',
+              '--drop-path', '0.1', '--color-jitter', '0.2', '-j', '2')
+    train(fmnist_root, tmp_path, '--experiment', 'full', *common)
+    full = tmp_path / 'full'
+    # a new process started from the epoch-1 checkpoint is a run killed after epoch 1: resuming it must
+    # replay epoch 2 (regions, jitter, SelfMix, drop-path, optimizer, scheduler, EMA) exactly
+    train(fmnist_root, tmp_path, '--experiment', 'resumed', *common, '--resume', full / 'checkpoint-1.pth.tar')
+    resumed = tmp_path / 'resumed'
+    full_state = torch.load(full / 'last.pth.tar', map_location='cpu', weights_only=False)
+    resumed_state = torch.load(resumed / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert resumed_state['epoch'] == full_state['epoch'] == 2
+    for key in ('state_dict', 'state_dict_ema'):
+        for name, value in full_state[key].items():
+            torch.testing.assert_close(resumed_state[key][name], value, rtol=0, atol=0, msg=f'{key}.{name}')
+    assert [r['epoch'] for r in summary_rows(resumed)] == ['2']
+    import timm
+    best = timm.create_model('test_resnet', num_classes=10, in_chans=1,
+                             checkpoint_path=str(full / 'model_best.pth.tar'))
+    assert best(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_torchrun_two_processes(fmnist_root, bank, tmp_path):
+    launcher = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2')
+    result = train(fmnist_root, tmp_path, '--experiment', 'ddp', '--soft-labels', bank, '--num-crops', '4',
+                   '--selfmix', '0.8', launcher=launcher)
+    log = result.stdout + result.stderr
+    assert 'distributed mode with 2 processes' in log
+    # 192 images / 2 ranks / (32 / 4 images per step) = 12 steps per rank
+    assert '[  12/12]' in log
+    assert len(summary_rows(tmp_path / 'ddp')) == 1
+
+
+def test_sigterm_writes_recovery_checkpoint(fmnist_root, bank, tmp_path):
+    cmd = [sys.executable, str(REPO / 'train_ferkd.py'), '--data-dir', str(fmnist_root), '--dataset',
+           'torch/fashion_mnist', '--model', 'test_resnet', '--num-classes', '10', '--input-size', '1', '28', '28',
+           '--soft-labels', str(bank), '--num-crops', '4', '-b', '4', '--epochs', '50', '-j', '0',
+           '--log-interval', '1', '--output', str(tmp_path), '--experiment', 'term', '--val-subset', '64']
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if 'train epoch 0 [   3/' in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline
+    proc.stdout.read()
+    assert proc.wait(60) == 143
+    recovery = list((tmp_path / 'term').glob('recovery-0-*.pth.tar'))
+    assert len(recovery) == 1
+    state = torch.load(recovery[0], map_location='cpu', weights_only=False)
+    assert state['epoch'] == -1  # resume restarts the interrupted epoch 0
+    result = train(fmnist_root, tmp_path, '--experiment', 'term2', '--soft-labels', bank, '--resume', recovery[0])
+    assert 'epoch 0:' in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize('case', ['model', 'dataset', 'other_split', 'classes', 'crops', 'resume', 'kd_checkpoint'])
+def test_bad_input_exits_2_before_training(fmnist_root, bank, tmp_path, case):
+    junk = tmp_path / 'junk.pth.tar'
+    junk.write_bytes(b'not a checkpoint')
+    extra = {
+        'model': ('--model', 'no_such_net'),
+        'dataset': ('--dataset', 'torch/no_such_set', '--train-subset', '10'),
+        'other_split': ('--soft-labels', bank, '--train-split', 'validation'),
+        'classes': ('--soft-labels', bank, '--num-classes', '7'),
+        'crops': ('--soft-labels', bank, '--num-crops', '16', '-b', '32'),
+        'resume': ('--resume', junk, '--train-subset', '10'),
+        'kd_checkpoint': ('--kd-model-name', 'test_resnet', '--kd-checkpoint', junk, '--train-subset', '10'),
+    }[case]
+    expected = {
+        'model': 'unknown --model', 'dataset': 'no_such_set', 'other_split': 'bank was generated on',
+        'classes': 'classes', 'crops': 'exceeds the bank', 'resume': 'cannot resume',
+        'kd_checkpoint': 'is not a checkpoint of test_resnet',
+    }[case]
+    result = train(fmnist_root, tmp_path, '--experiment', case, *extra, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('train_ferkd.py: error:') and expected in last, last
+    assert not (tmp_path / case / 'last.pth.tar').exists()
