@@ -86,24 +86,24 @@ def test_vit_patch_size_mismatch_is_a_clear_error(fmnist_root, bank, tmp_path):
 
 def test_resume_equals_uninterrupted_and_best_checkpoint_loads(fmnist_root, bank, tmp_path):
     common = ('--soft-labels', bank, '--num-crops', '4', '--distill-loss', 'ferkd', '--selfmix', '0.8',
-              '--model-ema', '--model-ema-decay', '0.9', '--epochs', '3', '--calib-quantile', '--calib-mid', '0.2',
+              '--model-ema', '--model-ema-decay', '0.9', '--epochs', '2', '--calib-quantile', '--calib-mid', '0.2',
               '--drop-path', '0.1', '--color-jitter', '0.2', '-j', '2')
     train(fmnist_root, tmp_path, '--experiment', 'full', *common)
     full = tmp_path / 'full'
-    # a new process started from the epoch-1 checkpoint is a run killed after epoch 1: resuming it must
-    # replay epoch 2 (regions, jitter, SelfMix, drop-path, optimizer, scheduler, EMA) exactly
-    train(fmnist_root, tmp_path, '--experiment', 'resumed', *common, '--resume', full / 'checkpoint-1.pth.tar')
+    # a new process started from the epoch-0 checkpoint is a run killed after epoch 0: resuming it must
+    # replay epoch 1 (regions, jitter, SelfMix, drop-path, optimizer, scheduler, EMA) exactly
+    train(fmnist_root, tmp_path, '--experiment', 'resumed', *common, '--resume', full / 'checkpoint-0.pth.tar')
     resumed = tmp_path / 'resumed'
     full_state = torch.load(full / 'last.pth.tar', map_location='cpu', weights_only=False)
     resumed_state = torch.load(resumed / 'last.pth.tar', map_location='cpu', weights_only=False)
-    assert resumed_state['epoch'] == full_state['epoch'] == 2
+    assert resumed_state['epoch'] == full_state['epoch'] == 1
     for key in ('state_dict', 'state_dict_ema'):
         for name, value in full_state[key].items():
             torch.testing.assert_close(resumed_state[key][name], value, rtol=0, atol=0, msg=f'{key}.{name}')
-    assert [r['epoch'] for r in summary_rows(resumed)] == ['2']
+    assert [r['epoch'] for r in summary_rows(resumed)] == ['1']
     import timm
     best = timm.create_model('test_resnet', num_classes=10, in_chans=1,
-                             checkpoint_path=str(full / 'model_best.pth.tar'))
+                             checkpoint_path=str(full / 'model_best.pth.tar')).eval()
     assert best(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
 
 

@@ -6,6 +6,7 @@ minutes on two CPU cores.
 """
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -124,6 +125,7 @@ def run_demo(cfg: DemoConfig) -> List[dict]:
           '--calib-top', '1.0', '--selfmix', '0.8', '--selfmix-cutmix', '1.0', '--selfmix-prob', '0.5']),
     ]
     for i, (name, _, flags) in enumerate(methods):
+        shutil.rmtree(runs / name, ignore_errors=True)  # a rerun replaces the student runs
         _run(f'{3 + i}/5 train the student: {name}',
              [py, '-m', 'train_ferkd', *common, *student, '--experiment', name, *flags], logs / f'{name}.log')
 

@@ -1,0 +1,63 @@
+"""Smoke runs of the benchmark scripts: each runs end to end at tiny sizes and prints its table.
+
+Only the shape of the output is checked (exit status, table header, ratio / goal lines), never a
+timing: CI machines are too noisy for that. The numbers come from full runs (benchmarks/README.md).
+"""
+import subprocess
+import sys
+
+from conftest import REPO
+
+BENCHMARKS = REPO / 'benchmarks'
+
+
+def run_benchmark(script: str, *args, timeout: float = 300) -> str:
+    """Run ``benchmarks/<script> --smoke ...`` in a fresh interpreter; return its stdout + stderr."""
+    cmd = [sys.executable, str(BENCHMARKS / script), '--smoke', *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, f'{" ".join(cmd)} failed:\n{out[-5000:]}'
+    assert 'machine: ' in out and 'timm 1.' in out, out
+    return out
+
+
+def test_train_throughput():
+    out = run_benchmark('train_throughput.py')
+    assert 'method' in out and 'crops/s' in out and 'vs online' in out
+    for row in ('plain timm', 'online KD timm', 'ferkd offline'):
+        assert row in out
+    assert 'bound 1 + T/S' in out and 'ours/plain = ' in out and 'ours/online = ' in out
+
+
+def test_label_read():
+    out = run_benchmark('label_read.py')
+    assert 'B/region' in out and 'ratio vs FKD fp16' in out
+    assert 'us/read' in out and 'speedup vs torch.load' in out
+    assert 'size goal: ours <= 23 B/region' in out and 'speed goal: labels() >= 20x' in out
+
+
+def test_generation_throughput():
+    out = run_benchmark('generation_throughput.py')
+    assert 'regions/s' in out and 'teacher forward only' in out and 'generate_bank, end to end' in out
+    assert 'goal: generate_bank >= 0.9 x forward only' in out and 'caveat:' in out
+
+
+def test_accuracy(fmnist_root, teacher_checkpoint, tmp_path):
+    # a ready teacher (random test_resnet) skips teacher training; three methods cover the three modes
+    out = run_benchmark('accuracy.py', '--data-dir', fmnist_root, '--teacher-dir', teacher_checkpoint,
+                        '--methods', 'plain', 'online_kd', 'ferkd_selfmix', '--output', tmp_path)
+    assert 'best top-1' in out and 'vs plain' in out and 'calibration thresholds (quantiles)' in out
+    for method in ('plain', 'online_kd', 'ferkd_selfmix'):
+        assert f'\n{method} ' in out
+    results = (tmp_path / 'results.md').read_text()
+    assert '| method | mode |' in results and '| ferkd_selfmix | offline | 1 x 4 |' in results
+    assert (tmp_path / 'convergence.png').is_file()
+
+
+def test_scaling(fmnist_root):
+    out = run_benchmark('scaling.py', '--data-dir', fmnist_root)
+    assert out.count('processes') >= 2 and 'regions/s' in out and 'crops/s' in out
+    assert 'same bytes' in out and 'ratio = throughput with N processes' in out
+    # the 2-process bank is byte-identical to the 1-process one
+    generation = out.split('same bytes')[1].split('training:')[0]
+    assert generation.split() and generation.split()[-1] == 'yes' and 'NO' not in generation
