@@ -487,7 +487,7 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
             except ImportError:
                 _logger.warning('--log-wandb needs wandb: pip install "timm-ferkd[wandb]"; continuing without it')
                 args.log_wandb = False
-        images = len(loader_train.dataset) if mode != 'offline' else len(loader_train.dataset)
+        images = len(loader_train.dataset)
         crops = args.num_crops if mode == 'offline' else 1
         _logger.info(
             f'{mode} training of {args.model} for {num_epochs} epochs. One epoch = {images} images decoded '

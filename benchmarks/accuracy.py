@@ -35,6 +35,7 @@ Usage::
 import argparse
 import json
 import math
+import os
 import shlex
 import shutil
 import subprocess
@@ -83,12 +84,13 @@ def methods_for(args: argparse.Namespace) -> Dict[str, Method]:
     return {m.name: m for m in rows}
 
 
-def run_logged(step: str, cmd: Sequence[str], log: Path) -> float:
+def run_logged(step: str, cmd: Sequence[str], log: Path, threads: int = 0) -> float:
     """Run ``cmd`` with its output in ``log``; exit with the log's tail if it fails. Returns seconds."""
     print(f'=== {step}\n$ {" ".join(shlex.quote(str(c)) for c in cmd)}', flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     start = time.perf_counter()
     with open(log, 'w') as f:
-        result = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+        result = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         tail = log.read_text().splitlines()[-30:]
@@ -154,7 +156,7 @@ def prepare_teacher(args: argparse.Namespace, runs: Path, logs: Path) -> Path:
             sys.executable, REPO / 'train_ferkd.py', *common_flags(args, runs), '--model', args.teacher,
             '--experiment', 'teacher', '--train-subset', str(args.images), '--epochs', str(args.teacher_epochs),
             '-b', str(args.batch_size), '--lr', '0.1', '--scale', *map(str, args.scale), '--smoothing', '0.1',
-            '--seed', '0'], logs / 'teacher.log')
+            '--seed', '0'], logs / 'teacher.log', args.threads)
     return run / 'model_best.pth.tar'
 
 
@@ -178,7 +180,7 @@ def prepare_bank(args: argparse.Namespace, teacher: Path, out: Path, logs: Path)
             '--num-images', str(args.images), '--regions', str(args.regions), '--input-size', '1', '28', '28',
             '--scale', *map(str, args.scale), '--seed', '0', '-j', str(args.workers), '-b', '512',
             '--device', args.device, '--no-progress', '--images-per-shard', '2000', '--output', out],
-            logs / 'generate.log')
+            logs / 'generate.log', args.threads)
     return out
 
 
@@ -242,7 +244,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--calib-top', type=float, default=1.0, help='FerKD T_T')
     parser.add_argument('--calib-quantile', action=argparse.BooleanOptionalAction, default=True,
                         help='read the thresholds as quantiles of the bank\'s max probabilities (default on)')
-    parser.add_argument('--smoke', action='store_true', help='tiny sizes, one seed, for CI')
+    parser.add_argument('--threads', type=int, default=0,
+                        help='OMP_NUM_THREADS of every run (default 0: torch\'s choice; 1 with --smoke)')
+    parser.add_argument('--smoke', action='store_true', help='tiny sizes, one seed, one thread, for CI')
     args = parser.parse_args(argv)
     defaults = dict(images=2000, val_images=2000, epochs=3, regions=24, teacher='resnet18', teacher_epochs=8,
                     student='test_resnet', seeds=[0, 1, 2])
@@ -250,6 +254,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         defaults.update(images=64, val_images=64, epochs=1, regions=8, teacher='test_resnet', teacher_epochs=1,
                         seeds=[0])
         args.batch_size, args.workers = 32, 0
+        args.threads = args.threads or 1
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -292,7 +297,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 seconds[name].append(run_logged(f'{exp}: {method.description}', [
                     sys.executable, REPO / 'train_ferkd.py', *common_flags(args, runs), *student,
                     '--experiment', exp, '--seed', str(seed), *train_flags(method, args, bank, teacher)],
-                    logs / f'{exp}.log'))
+                    logs / f'{exp}.log', args.threads))
             results[name].append(load_run(runs / exp))
 
     teacher_top1 = load_run(teacher.parent).best_top1 if (teacher.parent / 'summary.csv').is_file() else float('nan')

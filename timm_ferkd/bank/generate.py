@@ -170,6 +170,8 @@ def _distributed() -> Tuple[int, int]:
 
 def _create_teacher(cfg: GenerateConfig, device: torch.device):
     import timm
+    # without --checkpoint or --pretrained every rank must still build the same (random) teacher
+    torch.manual_seed(cfg.seed)
     try:
         model = timm.create_model(
             cfg.model, pretrained=cfg.pretrained, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
