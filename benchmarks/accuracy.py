@@ -332,7 +332,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'no plot: {e}')
     table = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
     table += ['| ' + ' | '.join(row) + ' |' for row in rows]
-    md = '\n'.join([f'# Accuracy at equal crops seen\n', header + '.', '', calib + '.', '', facts, '', *table, '',
+    md = '\n'.join(['# Accuracy at equal crops seen\n', header + '.', '', calib + '.', '', facts, '', *table, '',
                     f'Best / final top-1: mean ± std over seeds. Plot: {plot.name if plot else "none"}.', ''])
     (out / 'results.md').write_text(md)
     print(f'results: {out / "results.md"}   plot: {plot}   total {time.perf_counter() - start:.0f}s', flush=True)

@@ -67,6 +67,26 @@ def test_generated_labels_match_teacher(fmnist_root, teacher_checkpoint, tmp_pat
     np.testing.assert_allclose(val[0].astype(np.float32), top.values.numpy(), atol=1e-3)
 
 
+def test_fnkd_labels_are_feature_normalised(fmnist_root, teacher_checkpoint, tmp_path):
+    import timm
+    out = generate_bank(config(fmnist_root, teacher_checkpoint, tmp_path / 'bank', num_images=8,
+                               label_type='full', fnkd_tau=2.0))
+    bank = SoftLabelBank(out)
+    assert bank.manifest.fnkd_tau == 2.0
+    from PIL import Image
+    from timm_ferkd.bank.regions import replay_region
+    from torchvision.datasets import FashionMNIST
+    image, _ = FashionMNIST(str(fmnist_root), train=True)[5]
+    r = bank.regions(5, [1])
+    crop = replay_region(image, r.boxes[0], r.flips[0], (32, 32), Image.Resampling.BILINEAR)
+    x = (torch.from_numpy(np.array(crop)).float()[None, None] / 255 - 0.5) / 0.5
+    model = timm.create_model('test_resnet', num_classes=10, in_chans=1, checkpoint_path=str(teacher_checkpoint)).eval()
+    with torch.no_grad():
+        f = model.forward_head(model.forward_features(x), pre_logits=True)
+        expected = torch.softmax(2.0 * model(x) / f.norm(dim=1, keepdim=True), dim=1)[0]
+    np.testing.assert_allclose(bank.dense_targets(5, [1])[0].numpy(), expected.numpy(), atol=2e-3)
+
+
 def test_resume_after_crash_redoes_only_missing_shards(fmnist_root, teacher_checkpoint, tmp_path, monkeypatch):
     reference = generate_bank(config(fmnist_root, teacher_checkpoint, tmp_path / 'ref'))
     import timm_ferkd.bank.generate as gen

@@ -1,5 +1,4 @@
 """train_ferkd.py end to end on a Fashion-MNIST subset: every mode, resume, torchrun, checkpoints, errors."""
-import os
 import signal
 import subprocess
 import sys

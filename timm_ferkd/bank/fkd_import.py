@@ -39,9 +39,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from timm_ferkd.bank.format import (
-    EXPLICIT_SAMPLER, MANIFEST_NAME, BankManifest, ShardRecord, TeacherInfo)
+    EXPLICIT_SAMPLER, MANIFEST_NAME, BankManifest, TeacherInfo)
 from timm_ferkd.bank.labels import index_dtype
-from timm_ferkd.bank.writer import atomic_write_bytes, shard_record_path, write_shard
+from timm_ferkd.bank.writer import atomic_write_bytes, finished_shards, write_shard
 from timm_ferkd.errors import BankError, ConfigError, FerKDError
 
 __all__ = [
@@ -345,21 +345,6 @@ def _fill_hard(target: int, regions: int, k: int, num_classes: int) -> Tuple[np.
     return boxes, np.zeros(regions, dtype=np.uint8), indices, values
 
 
-def _done_shards(out: Path, manifest: BankManifest) -> Dict[int, ShardRecord]:
-    done = {}
-    for s in range(manifest.num_shards):
-        record_path = shard_record_path(out, s)
-        try:
-            record = ShardRecord(**json.loads(record_path.read_text()))
-        except (OSError, json.JSONDecodeError, TypeError):
-            continue
-        path = out / record.file
-        if path.is_file() and path.stat().st_size == record.bytes and \
-                (record.first_image, record.num_images) == manifest.shard_range(s):
-            done[s] = record
-    return done
-
-
 def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     """Convert an FKD / FerKD label folder into a bank (``sampler = 'explicit'``).
 
@@ -429,13 +414,13 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     if not (out / SETTINGS_NAME).is_file():
         atomic_write_bytes(out / SETTINGS_NAME, json.dumps(settings, indent=2).encode())
 
-    done = _done_shards(out, manifest)
+    done = finished_shards(out, manifest)
     todo = [s for s in range(manifest.num_shards) if s not in done]
     items = _Items(abs_paths, label_files, cfg.label_type, regions, truncate=cfg.regions is not None)
     _write_shards(items, manifest, todo, out, targets, cfg, report)
     report.filled = len(missing)
 
-    done = _done_shards(out, manifest)
+    done = finished_shards(out, manifest)
     lost = [s for s in range(manifest.num_shards) if s not in done]
     if lost:
         raise BankError(f'shards {lost} were not written; rerun the same command to finish the bank')

@@ -107,6 +107,7 @@ class BankManifest:
     teacher: TeacherInfo
     dataset: DatasetIdentity
     flip_prob: float = 0.5
+    fnkd_tau: Optional[float] = None
     sampler: str = 'splitmix64-random-resized-crop'
     sampler_version: int = 1
     index_dtype: Optional[str] = 'uint8'

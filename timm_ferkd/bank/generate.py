@@ -23,10 +23,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from timm_ferkd.bank.format import (
-    MANIFEST_NAME, BankManifest, ShardRecord, TeacherInfo, shard_file_name)
+    MANIFEST_NAME, BankManifest, ShardRecord, TeacherInfo)
 from timm_ferkd.bank.labels import LABEL_TYPES, index_dtype, quantize, stored_k
 from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, check_region_params, replay_region
-from timm_ferkd.bank.writer import atomic_write_bytes, sha256_file, shard_record_path, write_shard
+from timm_ferkd.bank.writer import atomic_write_bytes, finished_shards, sha256_file, write_shard
 from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans
 from timm_ferkd.errors import BankError, ConfigError
 
@@ -57,6 +57,8 @@ class GenerateConfig:
 
     ``input_size``, ``interpolation``, ``mean`` and ``std`` default to the teacher's ``pretrained_cfg``.
     ``batch_size`` counts crops per teacher forward; ``images_per_shard`` sets the unit of work and resume.
+    ``fnkd_tau`` stores FNKD's feature-normalised teacher distribution ``softmax(tau * z / ||f||)`` (f the
+    teacher's pooled pre-logit feature) instead of ``softmax(z / temperature)``.
     """
     model: str
     output: str
@@ -72,6 +74,7 @@ class GenerateConfig:
     topk: int = 5
     label_type: str = 'marginal_smoothing'
     temperature: float = 1.0
+    fnkd_tau: Optional[float] = None
     scale: Tuple[float, float] = (0.08, 1.0)
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
     input_size: Optional[Tuple[int, int, int]] = None
@@ -97,6 +100,8 @@ class GenerateConfig:
             raise ConfigError(f'unknown --label-type {self.label_type!r}; choose one of {", ".join(LABEL_TYPES)}')
         if self.temperature <= 0:
             raise ConfigError(f'--temperature {self.temperature} must be > 0')
+        if self.fnkd_tau is not None and self.fnkd_tau <= 0:
+            raise ConfigError(f'--fnkd-tau {self.fnkd_tau} must be > 0')
         if self.topk < 1:
             raise ConfigError(f'--topk {self.topk} must be >= 1')
         if self.batch_size < 1 or self.workers < 0 or self.images_per_shard < 1:
@@ -228,23 +233,6 @@ def _check_output(out: Path, manifest: BankManifest) -> None:
         raise ConfigError(f'--output {out} is not empty and holds no bank generation; choose another --output')
 
 
-def _done_shards(out: Path, manifest: BankManifest) -> dict:
-    done = {}
-    for s in range(manifest.num_shards):
-        record_path = shard_record_path(out, s)
-        if not record_path.is_file():
-            continue
-        try:
-            record = ShardRecord(**json.loads(record_path.read_text()))
-        except (json.JSONDecodeError, TypeError):
-            continue
-        shard_path = out / record.file
-        if shard_path.is_file() and shard_path.stat().st_size == record.bytes and \
-                (record.first_image, record.num_images) == manifest.shard_range(s):
-            done[s] = record
-    return done
-
-
 def generate_bank(cfg: GenerateConfig) -> Path:
     """Label ``cfg.regions`` regions of every image with the teacher and write a bank to ``cfg.output``.
 
@@ -272,7 +260,8 @@ def generate_bank(cfg: GenerateConfig) -> Path:
     num_images = min(cfg.num_images or identity.num_images, identity.num_images)
     manifest = BankManifest(
         num_classes=num_classes, regions_per_image=cfg.regions, topk=k, label_type=cfg.label_type,
-        temperature=cfg.temperature, num_images=num_images, images_per_shard=cfg.images_per_shard,
+        temperature=cfg.temperature, fnkd_tau=cfg.fnkd_tau, num_images=num_images,
+        images_per_shard=cfg.images_per_shard,
         seed=cfg.seed, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), teacher=teacher, dataset=identity,
         sampler=SAMPLER_NAME, sampler_version=SAMPLER_VERSION,
         index_dtype=None if cfg.label_type == 'full' else index_dtype(num_classes).name,
@@ -288,7 +277,7 @@ def generate_bank(cfg: GenerateConfig) -> Path:
     if world > 1:
         dist.barrier()
 
-    done = _done_shards(out, manifest)
+    done = finished_shards(out, manifest)
     todo = [s for s in range(manifest.num_shards) if s % world == rank and s not in done]
     if rank == 0 and done:
         _logger.info(f'resuming: {len(done)} of {manifest.num_shards} shards already done')
@@ -297,7 +286,7 @@ def generate_bank(cfg: GenerateConfig) -> Path:
     if world > 1:
         dist.barrier()
     if rank == 0:
-        done = _done_shards(out, manifest)
+        done = finished_shards(out, manifest)
         missing = [s for s in range(manifest.num_shards) if s not in done]
         if missing:
             raise BankError(f'shards {missing} were not written; rerun the same command to finish the bank')
@@ -343,8 +332,14 @@ def _label_shards(cfg, manifest, source, model, teacher: TeacherInfo, device, ou
             x = x.contiguous(memory_format=torch.channels_last)
         x = (x.float() - mean) / std
         with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-            logits = model(x)
-        probs_out.append(F.softmax(logits.float() / cfg.temperature, dim=1).cpu())
+            if cfg.fnkd_tau is None:
+                logits = model(x).float() / cfg.temperature
+            else:
+                feature_map = model.forward_features(x)
+                features = model.forward_head(feature_map, pre_logits=True).float()
+                logits = model.forward_head(feature_map).float()
+                logits = cfg.fnkd_tau * logits / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        probs_out.append(F.softmax(logits, dim=1).cpu())
 
     def flush(final: bool) -> None:
         nonlocal pending, pending_count

@@ -9,9 +9,9 @@ from typing import Dict, Optional
 import numpy as np
 from safetensors.numpy import save
 
-from timm_ferkd.bank.format import ShardRecord, shard_file_name
+from timm_ferkd.bank.format import BankManifest, ShardRecord, shard_file_name
 
-__all__ = ['atomic_write_bytes', 'sha256_file', 'write_shard', 'shard_record_path']
+__all__ = ['atomic_write_bytes', 'sha256_file', 'write_shard', 'shard_record_path', 'finished_shards']
 
 _CHUNK = 1 << 20
 _UMASK = os.umask(0)
@@ -93,3 +93,26 @@ def write_shard(
     )
     atomic_write_bytes(shard_record_path(bank_dir, shard_index), json.dumps(record.__dict__).encode())
     return record
+
+
+def finished_shards(bank_dir: os.PathLike, manifest: BankManifest) -> Dict[int, ShardRecord]:
+    """Shards of an unfinished bank that are complete: recorded, present, of the recorded size and range.
+
+    Args:
+        bank_dir: Bank directory being written.
+        manifest: The bank's manifest (its shard layout).
+
+    Returns:
+        Shard index -> record, for every finished shard.
+    """
+    done = {}
+    for s in range(manifest.num_shards):
+        try:
+            record = ShardRecord(**json.loads(shard_record_path(bank_dir, s).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError):
+            continue
+        path = Path(bank_dir) / record.file
+        if path.is_file() and path.stat().st_size == record.bytes and \
+                (record.first_image, record.num_images) == manifest.shard_range(s):
+            done[s] = record
+    return done

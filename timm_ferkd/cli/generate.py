@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     r.add_argument('--topk', type=int, default=5, metavar='K', help='classes kept per region (default 5)')
     r.add_argument('--label-type', default='marginal_smoothing', choices=LABEL_TYPES)
     r.add_argument('--temperature', type=float, default=1.0, metavar='T', help='softmax(z / T) (default 1)')
+    r.add_argument('--fnkd-tau', type=float, default=None, metavar='TAU',
+                   help="store FNKD's feature-normalised distribution softmax(TAU z / ||f||) instead of softmax(z / T)")
     r.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('LO', 'HI'))
     r.add_argument('--ratio', type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=('LO', 'HI'))
     r.add_argument('--seed', type=int, default=0, help='region seed: the same seed gives the same regions')
