@@ -1,4 +1,5 @@
 """Memory-mapped bank reader: one image's regions in O(1), safe in DataLoader workers."""
+import mmap
 import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -48,6 +49,9 @@ class _Shard:
                 f'shard {path} has {size} bytes, the manifest says {expected_bytes}: it is truncated or '
                 f'corrupt; re-download the bank or regenerate it')
         header, data_start = read_safetensors_header(path)
+        with open(path, 'rb') as f:
+            # plain ndarrays over one read-only mapping: indexing them is cheaper than np.memmap's
+            self._mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.arrays: Dict[str, np.ndarray] = {}
         for name, (shape, dtype) in _expected_shapes(manifest, num_images).items():
             info = header.get(name)
@@ -60,7 +64,8 @@ class _Shard:
             np_dtype = np.dtype(SAFETENSORS_DTYPES[dtype])
             if end - begin != int(np.prod(shape)) * np_dtype.itemsize or data_start + end > size:
                 raise BankError(f'shard {path}: tensor {name!r} has corrupt offsets; regenerate or re-download it')
-            self.arrays[name] = np.memmap(path, dtype=np_dtype, mode='r', offset=data_start + begin, shape=shape)
+            self.arrays[name] = np.frombuffer(
+                self._mapping, dtype=np_dtype, count=int(np.prod(shape)), offset=data_start + begin).reshape(shape)
 
 
 class SoftLabelBank:
