@@ -1,7 +1,7 @@
 """The Fashion-MNIST demo: teacher -> bank -> students (plain, FKD, FerKD) -> table and plot.
 
 Every step runs the real command line (``train_ferkd.py`` and ``timm-ferkd``) in a subprocess, so the
-demo is also a worked example of the commands a user types. Sizes default to a run of about ten
+demo is also a worked example of the commands a user types. Sizes default to a run of about eight
 minutes on two CPU cores. The teacher sees more images than the students, as a large pretrained
 teacher does in practice: that knowledge is what the students get from its labels.
 """

@@ -10,7 +10,7 @@ def register(subparsers) -> None:
         'demo', help='run the Fashion-MNIST demo: teacher, bank, plain/FKD/FerKD students, table and plot',
         description='Train a small teacher on Fashion-MNIST, label regions into a bank, train the same student '
                     'plainly, with FKD and with FerKD (calibration + SelfMix), then print top-1 per method and '
-                    'write a convergence plot. About ten minutes on two CPU cores with the defaults.')
+                    'write a convergence plot. About eight minutes on two CPU cores with the defaults.')
     defaults = DemoConfig()
     for f in fields(DemoConfig):
         p.add_argument('--' + f.name.replace('_', '-'), type=type(getattr(defaults, f.name)),
