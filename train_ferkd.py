@@ -18,6 +18,7 @@ torchrun's own ``--nnodes``/``--rdzv-*`` arguments); CPU runs use the gloo backe
 """
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -657,7 +658,9 @@ def _create_teacher(args, student: nn.Module) -> nn.Module:
 def _train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, loss_scaler, lr_scheduler,
                      mixup_fn, stop: _Stop, saver: Optional[CheckpointSaver], updates_per_epoch: int):
     task.train()
-    meters: Dict[str, AverageMeter] = OrderedDict(loss=AverageMeter())
+    # running sums stay on the device: reading them (a host sync) happens only when logging
+    sums: Dict[str, torch.Tensor] = OrderedDict()
+    seen = 0
     batch_time = AverageMeter()
     num_updates = epoch * updates_per_epoch
     end = time.time()
@@ -676,8 +679,6 @@ def _train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, los
         with autocast():
             result = task(input, target)
         loss = result['loss']
-        if not torch.isfinite(loss):
-            raise FerKDError(f'loss is {loss.item()} at epoch {epoch} step {batch_idx}: lower --lr or disable --amp')
         if loss_scaler is not None:
             loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                         parameters=task.get_clip_parameters())
@@ -694,21 +695,27 @@ def _train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, los
             lr_scheduler.step_update(num_updates=num_updates)
 
         n = input.shape[0]
+        seen += n
         for key, value in result.items():
             if key != 'output' and torch.is_tensor(value) and value.numel() == 1:
-                meters.setdefault(key, AverageMeter()).update(value.item(), n)
+                sums[key] = sums.get(key, 0) + value.detach().float() * n
         batch_time.update(time.time() - end)
         end = time.time()
-        if args.rank == 0 and (batch_idx % args.log_interval == 0 or batch_idx == last_idx):
-            lr = optimizer.param_groups[0]['lr']
-            parts = '  '.join(f'{k} {m.avg:.4f}' for k, m in meters.items())
-            _logger.info(f'train epoch {epoch} [{batch_idx + 1:>4d}/{len(loader)}]  {parts}  '
-                         f'lr {lr:.3e}  {n * args.world_size / max(batch_time.val, 1e-9):.0f} crops/s')
+        if batch_idx % args.log_interval == 0 or batch_idx == last_idx or stop.requested:
+            means = {k: v.item() / seen for k, v in sums.items()}
+            if not math.isfinite(means['loss']):
+                raise FerKDError(f'the loss became {means["loss"]} in epoch {epoch} (by step {batch_idx}): '
+                                 f'lower --lr, set --clip-grad or disable --amp')
+            if args.rank == 0:
+                lr = optimizer.param_groups[0]['lr']
+                parts = '  '.join(f'{k} {v:.4f}' for k, v in means.items())
+                _logger.info(f'train epoch {epoch} [{batch_idx + 1:>4d}/{len(loader)}]  {parts}  '
+                             f'lr {lr:.3e}  {n * args.world_size / max(batch_time.val, 1e-9):.0f} crops/s')
         if stop.requested:
             if saver is not None:
                 _save_recovery(saver, epoch, batch_idx)
-            return {k: m.avg for k, m in meters.items()}
-    return {k: m.avg for k, m in meters.items()}
+            break
+    return {k: v.item() / max(seen, 1) for k, v in sums.items()}
 
 
 def _save_recovery(saver: CheckpointSaver, epoch: int, batch_idx: int) -> None:
