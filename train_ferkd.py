@@ -42,6 +42,7 @@ from timm.utils import (
     AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs, accuracy, get_outdir, init_distributed_device,
     random_seed, reduce_tensor, setup_default_logging, update_summary)
 
+from timm_ferkd.data.source import stats_for_chans
 from timm_ferkd.errors import ConfigError, FerKDError
 
 _logger = logging.getLogger('train_ferkd')
@@ -322,10 +323,7 @@ def _data_config(args: argparse.Namespace, model: nn.Module) -> Dict[str, Any]:
         input_size = (chans,) + tuple(data_config['input_size'][1:])
     data_config['input_size'] = tuple(input_size)
     for key in ('mean', 'std'):
-        value = tuple(data_config[key])
-        if len(value) != chans:  # e.g. RGB statistics for a grayscale model
-            value = (sum(value) / len(value),) * chans
-        data_config[key] = value
+        data_config[key] = stats_for_chans(data_config[key], chans)
     return data_config
 
 

@@ -27,7 +27,7 @@ from timm_ferkd.bank.format import (
 from timm_ferkd.bank.labels import LABEL_TYPES, index_dtype, quantize, stored_k
 from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, check_region_params, replay_region
 from timm_ferkd.bank.writer import atomic_write_bytes, finished_shards, sha256_file, write_shard
-from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans
+from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans, stats_for_chans
 from timm_ferkd.errors import BankError, ConfigError
 
 __all__ = ['GenerateConfig', 'generate_bank', 'pil_interpolation']
@@ -199,10 +199,7 @@ def _teacher_info(cfg: GenerateConfig, model) -> TeacherInfo:
         input_size = (cfg.in_chans,) + tuple(input_size[1:])
     mean = tuple(cfg.mean or data_cfg['mean'])
     std = tuple(cfg.std or data_cfg['std'])
-    if len(mean) != cfg.in_chans:
-        mean = (sum(mean) / len(mean),) * cfg.in_chans if len(mean) != 1 else mean * cfg.in_chans
-    if len(std) != cfg.in_chans:
-        std = (sum(std) / len(std),) * cfg.in_chans if len(std) != 1 else std * cfg.in_chans
+    mean, std = stats_for_chans(mean, cfg.in_chans), stats_for_chans(std, cfg.in_chans)
     interpolation = cfg.interpolation or data_cfg.get('interpolation', 'bicubic')
     pil_interpolation(interpolation)
     return TeacherInfo(

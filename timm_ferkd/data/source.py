@@ -1,6 +1,6 @@
 """Untransformed access to any timm dataset: decoded images in a fixed colour mode, plus identity."""
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 from PIL import Image
 
@@ -8,7 +8,7 @@ from timm_ferkd.bank.format import DatasetIdentity
 from timm_ferkd.bank.identity import dataset_identity
 from timm_ferkd.errors import ConfigError
 
-__all__ = ['ImageSource', 'create_image_source', 'image_mode_for_chans']
+__all__ = ['ImageSource', 'create_image_source', 'image_mode_for_chans', 'stats_for_chans']
 
 
 def image_mode_for_chans(in_chans: int) -> str:
@@ -18,6 +18,14 @@ def image_mode_for_chans(in_chans: int) -> str:
     if in_chans == 3:
         return 'RGB'
     raise ConfigError(f'--in-chans {in_chans} is not supported for image data: use 1 (grayscale) or 3 (RGB)')
+
+
+def stats_for_chans(values: Sequence[float], in_chans: int) -> Tuple[float, ...]:
+    """Per-channel mean or std for ``in_chans`` channels: e.g. RGB statistics averaged for a grayscale model."""
+    values = tuple(values)
+    if len(values) == in_chans:
+        return values
+    return (sum(values) / len(values),) * in_chans
 
 
 class ImageSource:
