@@ -11,7 +11,9 @@ A timm ``train.py``-style script. The supervision is chosen by the flags:
 * neither: plain supervised training, as timm's ``train.py``.
 
 Epochs: one epoch decodes every training image once. With ``--num-crops K`` that is K crops per image
-(K x N crops in all); the FKD reference code counts the same pass as K epochs.
+(K x N crops in all, K times the steps of a plain epoch at the same ``-b``); the FKD reference code counts
+the same pass as K epochs. Offline steps hold ``-b`` crops of ``-b`` different images (``--crop-layout
+spread``), and the LR schedule, warmup and EMA warmup advance per optimizer update.
 
 Launch with ``torchrun --nproc_per_node=N train_ferkd.py ...`` for distributed training (multi-node with
 torchrun's own ``--nnodes``/``--rdzv-*`` arguments); CPU runs use the gloo backend.
@@ -20,6 +22,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -61,9 +64,11 @@ group = parser.add_argument_group('Dataset parameters')
 group.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
 group.add_argument('--dataset', '-d', metavar='NAME', default='',
                    help='dataset type + name ("<type>/<name>") (default: ImageFolder or ImageTar if empty)')
-group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
+group.add_argument('--train-split', metavar='NAME', default='train',
+                   help='dataset train split (default: train); NAME[START:STOP] takes a range of its images')
 group.add_argument('--val-split', metavar='NAME', default='validation',
-                   help='dataset validation split (default: validation)')
+                   help='dataset validation split (default: validation); NAME[START:STOP] takes a range of its '
+                        'images, e.g. train[55000:] to validate on training images held out from the bank')
 group.add_argument('--dataset-download', action='store_true', default=False,
                    help='Allow download of dataset for torch/ datasets that support it.')
 group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
@@ -132,8 +137,9 @@ group.add_argument('--layer-decay', type=float, default=None, help='layer-wise l
 
 group = parser.add_argument_group('Learning rate schedule parameters')
 group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR scheduler (default: "cosine")')
-group.add_argument('--sched-on-updates', action='store_true', default=False,
-                   help='Apply LR scheduler step on update instead of epoch end.')
+group.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction, default=None,
+                   help='Step the LR schedule (and warmup) per optimizer update instead of per epoch '
+                        '(default: on with --soft-labels, whose epochs are num-crops times longer; off otherwise)')
 group.add_argument('--lr', type=float, default=0.05, metavar='LR', help='learning rate (default: 0.05)')
 group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup learning rate (default: 1e-5)')
 group.add_argument('--min-lr', type=float, default=0, metavar='LR', help='lower lr bound for cyclic schedulers')
@@ -172,6 +178,9 @@ group.add_argument('--soft-labels', default=None, metavar='PATH|hf-hub:ORG/NAME[
                    help='soft-label bank made by `timm-ferkd generate`; enables offline distillation')
 group.add_argument('--num-crops', type=int, default=4, metavar='K',
                    help='stored regions replayed per decoded image (default: 4); -b counts crops')
+group.add_argument('--crop-layout', default='spread', choices=('spread', 'image'),
+                   help='spread (default): the K crops of a decoded image go to K consecutive steps, so every '
+                        'step holds -b different images; image: a step holds -b/K images x K crops (FKD reference)')
 group.add_argument('--distill-loss', default='ferkd', choices=('soft_ce', 'ferkd', 'kd', 'dtd', 'fnkd'),
                    help='objective on stored labels (default: ferkd = soft CE on calibrated labels)')
 group.add_argument('--distill-temperature', type=float, default=None, metavar='T',
@@ -254,9 +263,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError('-b/--batch-size and --epochs must be >= 1')
     if args.num_crops < 1:
         raise ConfigError(f'--num-crops {args.num_crops} must be >= 1')
-    if args.soft_labels and args.batch_size % args.num_crops:
-        raise ConfigError(f'-b {args.batch_size} must be a multiple of --num-crops {args.num_crops} '
-                          f'(a batch holds images x crops)')
+    if args.soft_labels and args.crop_layout == 'image' and args.batch_size % args.num_crops:
+        raise ConfigError(f'-b {args.batch_size} must be a multiple of --num-crops {args.num_crops} with '
+                          f'--crop-layout image (a step holds images x crops)')
+    if args.sched != 'none' and args.warmup_epochs > 0 and args.warmup_epochs >= args.epochs:
+        raise ConfigError(f'--warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the LR would never '
+                          f'leave warmup; set --warmup-epochs below --epochs (0 disables warmup)')
+    if args.sched_on_updates is None:
+        args.sched_on_updates = bool(args.soft_labels)
     if args.soft_labels and args.kd_model_name:
         raise ConfigError('choose offline (--soft-labels) or online (--kd-model-name) distillation, not both')
     if args.kd_model_name and args.kd_checkpoint and not os.path.isfile(args.kd_checkpoint):
@@ -339,20 +353,21 @@ def _open_bank(args: argparse.Namespace):
     return open_bank(name, validate=True)
 
 
-class _FirstImages(torch.utils.data.Dataset):
-    """The first ``n`` samples of a dataset; ``transform`` passes through so timm's loaders can set it."""
+class _ImageRange(torch.utils.data.Dataset):
+    """Samples ``start:stop`` of a dataset; ``transform`` passes through so timm's loaders can set it."""
 
-    def __init__(self, dataset, n: int):
+    def __init__(self, dataset, start: int, stop: int):
         self.dataset = dataset
-        self.n = n
+        self.start = start
+        self.stop = stop
 
     def __len__(self) -> int:
-        return self.n
+        return self.stop - self.start
 
     def __getitem__(self, index: int):
-        if index >= self.n:
+        if not 0 <= index < len(self):
             raise IndexError(index)
-        return self.dataset[index]
+        return self.dataset[self.start + index]
 
     @property
     def transform(self):
@@ -363,10 +378,28 @@ class _FirstImages(torch.utils.data.Dataset):
         self.dataset.transform = value
 
 
-def _subset(dataset, n: Optional[int]):
-    if n is None or n >= len(dataset):
-        return dataset
-    return _FirstImages(dataset, n)
+_SPLIT_RANGE = re.compile(r'^(?P<name>[^\[\]]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$')
+
+
+def _split_range(dataset_name: str, split: str) -> Tuple[str, Optional[slice]]:
+    """``'train[55000:]'`` -> ``('train', slice(55000, None))``; Hugging Face datasets slice splits themselves."""
+    match = _SPLIT_RANGE.match(split)
+    if match is None or dataset_name.lower().startswith(('hfds/', 'hfids/')):
+        return split, None
+    to_int = lambda v: int(v) if v else None  # noqa: E731
+    return match['name'], slice(to_int(match['start']), to_int(match['stop']))
+
+
+def _select(dataset, flag: str, split_range: Optional[slice], first: Optional[int]):
+    """The images of ``split_range`` of ``dataset``, then the first ``first`` of those."""
+    start, stop = 0, len(dataset)
+    if split_range is not None:
+        start, stop, _ = split_range.indices(len(dataset))
+        if stop <= start:
+            raise ConfigError(f'{flag} selects no images: the split has {len(dataset)}')
+    if first is not None:
+        stop = min(stop, start + first)
+    return dataset if (start, stop) == (0, len(dataset)) else _ImageRange(dataset, start, stop)
 
 
 class _Stop:
@@ -535,6 +568,9 @@ def _create_train_loader(args, data_config, device, bank):
         from timm_ferkd.data.dataset import create_region_dataset
         from timm_ferkd.data.loader import create_region_loader
         from timm_ferkd.data.mixing import create_selfmix
+        if _split_range(args.dataset, args.train_split)[1] is not None:
+            raise ConfigError(f'--train-split {args.train_split}: offline training uses the images its bank labels '
+                              f'(generate --num-images N for the first N); pass the bank\'s split name')
         calibration = CalibrationConfig(
             low=args.calib_low, mid=args.calib_mid, top=args.calib_top, quantile=args.calib_quantile,
             eps=args.calib_eps)
@@ -550,16 +586,18 @@ def _create_train_loader(args, data_config, device, bank):
         loader = create_region_loader(
             dataset, batch_size=args.batch_size, is_training=True, num_workers=args.workers,
             distributed=args.distributed, pin_memory=args.pin_mem, device=device,
-            mean=data_config['mean'], std=data_config['std'], selfmix=selfmix, seed=args.seed)
+            mean=data_config['mean'], std=data_config['std'], selfmix=selfmix, seed=args.seed,
+            crop_layout=args.crop_layout)
         return loader, None
+    split, split_range = _split_range(args.dataset, args.train_split)
     try:
         dataset = create_dataset(
-            args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
+            args.dataset, root=args.data_dir, split=split, is_training=True,
             class_map=args.class_map, download=args.dataset_download, seed=args.seed,
             input_img_mode='L' if args.in_chans == 1 else 'RGB')
     except (AssertionError, RuntimeError, FileNotFoundError) as e:
         raise ConfigError(f'cannot open --dataset {args.dataset!r} in {args.data_dir}: {e}') from None
-    dataset = _subset(dataset, args.train_subset)
+    dataset = _select(dataset, '--train-split', split_range, args.train_subset)
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
@@ -576,14 +614,15 @@ def _create_train_loader(args, data_config, device, bank):
 
 
 def _create_eval_loader(args, data_config, device):
+    split, split_range = _split_range(args.dataset, args.val_split)
     try:
         dataset = create_dataset(
-            args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
+            args.dataset, root=args.data_dir, split=split, is_training=False,
             class_map=args.class_map, download=args.dataset_download,
             input_img_mode='L' if args.in_chans == 1 else 'RGB')
     except (AssertionError, RuntimeError, FileNotFoundError) as e:
         raise ConfigError(f'cannot open validation split {args.val_split!r} of --dataset {args.dataset!r}: {e}') from None
-    dataset = _subset(dataset, args.val_subset)
+    dataset = _select(dataset, '--val-split', split_range, args.val_subset)
     return create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
         is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],

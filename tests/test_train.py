@@ -139,7 +139,35 @@ def test_sigterm_writes_recovery_checkpoint(fmnist_root, bank, tmp_path):
     assert 'epoch 0:' in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize('case', ['model', 'dataset', 'other_split', 'classes', 'crops', 'resume', 'kd_checkpoint'])
+def _logged_lrs(log: str, epoch: int):
+    return [float(line.split(' lr ')[1].split()[0]) for line in log.splitlines() if f'train epoch {epoch} [' in line]
+
+
+def test_offline_schedule_steps_per_update_plain_per_epoch(fmnist_root, bank, tmp_path):
+    offline = train(fmnist_root, tmp_path, '--experiment', 'upd', '--soft-labels', bank, '--num-crops', '4',
+                    '--epochs', '2', '--warmup-epochs', '1', '--lr', '0.1')
+    log = offline.stdout + offline.stderr
+    warmup, decay = _logged_lrs(log, 0), _logged_lrs(log, 1)
+    # 192 images x 4 crops / 32 = 24 updates per epoch: warmup rises and cosine decays within the epochs
+    assert '24 steps of 32 crops' in log
+    # (the last line of epoch 0 is logged after update 24, where timm's cosine takes over from warmup)
+    assert len(warmup) > 3 and all(a < b for a, b in zip(warmup[:-1], warmup[1:-1]))
+    assert len(decay) > 3 and all(a > b for a, b in zip(decay, decay[1:]))
+    plain = train(fmnist_root, tmp_path, '--experiment', 'ep', '--train-subset', IMAGES, '--epochs', '2')
+    assert len(set(_logged_lrs(plain.stdout + plain.stderr, 1))) == 1
+
+
+def test_validation_on_a_held_out_range_of_the_training_split(fmnist_root, tmp_path):
+    result = train(fmnist_root, tmp_path, '--experiment', 'held', '--train-subset', '64',
+                   '--val-split', 'train[59900:]', '--val-subset', '1000')
+    assert (tmp_path / 'held' / 'summary.csv').is_file()
+    import yaml
+    assert yaml.safe_load((tmp_path / 'held' / 'args.yaml').read_text())['val_split'] == 'train[59900:]'
+    assert result.returncode == 0
+
+
+@pytest.mark.parametrize('case', ['model', 'dataset', 'other_split', 'classes', 'crops', 'resume', 'kd_checkpoint',
+                                  'warmup', 'empty_range', 'sliced_bank_split'])
 def test_bad_input_exits_2_before_training(fmnist_root, bank, tmp_path, case):
     junk = tmp_path / 'junk.pth.tar'
     junk.write_bytes(b'not a checkpoint')
@@ -151,11 +179,15 @@ def test_bad_input_exits_2_before_training(fmnist_root, bank, tmp_path, case):
         'crops': ('--soft-labels', bank, '--num-crops', '16', '-b', '32'),
         'resume': ('--resume', junk, '--train-subset', '10'),
         'kd_checkpoint': ('--kd-model-name', 'test_resnet', '--kd-checkpoint', junk, '--train-subset', '10'),
+        'warmup': ('--soft-labels', bank, '--epochs', '3', '--warmup-epochs', '3'),
+        'empty_range': ('--train-subset', '10', '--val-split', 'train[70000:]'),
+        'sliced_bank_split': ('--soft-labels', bank, '--train-split', 'train[:100]'),
     }[case]
     expected = {
         'model': 'unknown --model', 'dataset': 'no_such_set', 'other_split': 'bank was generated on',
         'classes': 'classes', 'crops': 'exceeds the bank', 'resume': 'cannot resume',
-        'kd_checkpoint': 'is not a checkpoint of test_resnet',
+        'kd_checkpoint': 'is not a checkpoint of test_resnet', 'warmup': 'never leave warmup',
+        'empty_range': 'selects no images', 'sliced_bank_split': 'images its bank labels',
     }[case]
     result = train(fmnist_root, tmp_path, '--experiment', case, *extra, check=False)
     assert result.returncode == 2, result.stderr[-2000:]

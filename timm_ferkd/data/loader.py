@@ -1,9 +1,18 @@
-"""Multi-crop region loader: workers decode and replay, the device normalises and mixes.
+"""Multi-crop region loader: workers decode and replay, the device normalises, mixes and regroups.
 
-A step holds ``batch_size`` crops: ``batch_size // num_crops`` images times ``num_crops`` crops
-each, image-major (the crops of one image are neighbouring rows, as SelfMix needs). Workers send
-uint8 crops (4x less to pin and copy than float32); the prefetcher moves them to the device on a
-side stream (CUDA) and converts and normalises them there, like timm's ``PrefetchLoader``.
+Each worker decodes an image once and cuts ``num_crops`` (K) crops of it. How those crops become
+optimizer steps is the *crop layout*:
+
+* ``'spread'`` (default): a window of B images (B = ``batch_size``) is loaded at once, SelfMix mixes
+  crops within each image of the window, and the window is regrouped into K steps: step j holds
+  crop j of every image of the window. Every step holds B crops of B *different* images (the
+  gradient and BatchNorm statistics of plain training), while decoding is still amortised over K
+  crops. The FKD reference reaches the same end with single-crop epochs at the end of its schedule.
+* ``'image'``: a step holds B / K images x K crops, image-major (the FKD reference's multi-crop
+  batches: the crops of one image are neighbouring rows).
+
+Workers send uint8 crops (4x less to pin and copy than float32); the prefetcher moves them to the
+device on a side stream (CUDA) and converts and normalises them there, like timm's ``PrefetchLoader``.
 
 Each iteration yields ``(input, target)``:
 
@@ -16,12 +25,14 @@ Each iteration yields ``(input, target)``:
   - ``'category'``: int8 [B], ``CATEGORY_SOFT`` (0) or ``CATEGORY_HARD`` (1),
   - ``'image'``: long [B], index of the crop's image in the dataset,
   - ``'region'``: long [B], the replayed region's index in the bank,
-  - with mixing: ``'lam'`` float32 [B] and ``'partner'`` long [B] (see :mod:`timm_ferkd.data.mixing`).
+  - with mixing: ``'lam'`` float32 [B] and ``'partner_region'`` long [B], the bank region of the
+    same image whose crop was mixed in (the crop's own region when it was not mixed).
 
 Determinism: image order comes from the sampler (seed, epoch), regions and jitter from the
 dataset (seed, epoch, image) and mixing from (seed, epoch, rank), so ``set_epoch(e)`` replays epoch
-``e`` exactly, including after a resume. One pass over the data is one *image* epoch: every
-image once, ``num_crops`` crops each (FKD's reference code counts it as ``num_crops`` epochs).
+``e`` exactly, for any number of workers and after a resume. One pass over the data is one *image*
+epoch: every image decoded once, ``num_crops`` crops each (FKD's reference code counts it as
+``num_crops`` epochs); it has ``num_crops`` times as many steps as a plain epoch of the same batch size.
 """
 import logging
 from contextlib import suppress
@@ -33,16 +44,16 @@ import torch.distributed
 import torch.utils.data
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from timm_ferkd.data.dataset import EpochKey, RegionDataset, collate_regions
 from timm_ferkd.errors import ConfigError
 
-__all__ = ['RegionLoader', 'EpochKeySampler', 'create_region_loader']
+__all__ = ['CROP_LAYOUTS', 'RegionLoader', 'EpochKeySampler', 'create_region_loader']
 
 _logger = logging.getLogger(__name__)
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+CROP_LAYOUTS = ('spread', 'image')
 
 
 class EpochKeySampler(Sampler):
@@ -84,15 +95,17 @@ def _adapt_to_chans(values: Sequence[float], chans: int, name: str) -> Tuple[flo
 
 
 class RegionLoader:
-    """Iterable over device-ready multi-crop batches (see the module docstring for the format).
+    """Iterable over device-ready multi-crop steps (see the module docstring for the format).
 
     Args:
-        loader: The DataLoader over a :class:`RegionDataset` with an :class:`EpochKeySampler`.
+        loader: The DataLoader over a :class:`RegionDataset` with an :class:`EpochKeySampler`; one of its
+            batches is one step (``'image'`` layout) or one window of ``num_crops`` steps (``'spread'``).
         device: Where inputs and targets go.
         mean: Normalisation mean per channel, in [0, 1] units.
         std: Normalisation std per channel, in [0, 1] units.
         img_dtype: dtype of the inputs.
-        mixing: Optional batch mixing (``SelfMix``/``SoftMixup``) applied on the device.
+        mixing: Optional SelfMix applied on the device, to whole windows, before regrouping.
+        crop_layout: ``'spread'`` or ``'image'`` (see the module docstring).
     """
 
     def __init__(
@@ -103,11 +116,18 @@ class RegionLoader:
             std: Sequence[float],
             img_dtype: torch.dtype = torch.float32,
             mixing: Optional[Any] = None,
+            crop_layout: str = 'spread',
     ):
+        if crop_layout not in CROP_LAYOUTS:
+            raise ConfigError(f'crop_layout {crop_layout!r} must be one of {", ".join(CROP_LAYOUTS)}')
         self.loader = loader
         self.device = device
         self.img_dtype = img_dtype
         self.mixing = mixing
+        self.crop_layout = crop_layout
+        if mixing is not None and hasattr(mixing, 'lam_groups'):
+            # 'batch' mixing draws once per step: in a window, step j is crop j of every image
+            mixing.lam_groups = self.steps_per_batch
         chans = loader.dataset.input_size[0]
         shape = (1, chans, 1, 1)
         # uint8 in, so the stats scale by 255 instead of dividing the batch first
@@ -133,12 +153,20 @@ class RegionLoader:
         return self.dataset.num_crops
 
     @property
+    def steps_per_batch(self) -> int:
+        """Steps made from one DataLoader batch: ``num_crops`` when spread, else 1."""
+        return self.num_crops if self.crop_layout == 'spread' else 1
+
+    @property
     def batch_size(self) -> int:
         """Crops per step."""
+        if self.crop_layout == 'spread':
+            return self.loader.batch_size
         return self.loader.batch_size * self.num_crops
 
     def __len__(self) -> int:
-        return len(self.loader)
+        """Steps per epoch."""
+        return len(self.loader) * self.steps_per_batch
 
     @property
     def mixup_enabled(self) -> bool:
@@ -189,18 +217,30 @@ class RegionLoader:
             with stream_context():
                 next_batch = self._to_device(crops, target)
             if batch is not None:
-                # the previous step is consumed (and mixed) while this one copies on the side stream
-                yield self._mix(*batch)
+                # the previous batch is consumed (mixed, regrouped) while this one copies on the side stream
+                yield from self._steps(*batch)
             if self.is_cuda:
                 torch.cuda.current_stream(self.device).wait_stream(self.stream)
             batch = next_batch
         if batch is not None:
-            yield self._mix(*batch)
+            yield from self._steps(*batch)
 
-    def _mix(self, x: torch.Tensor, target: Dict[str, torch.Tensor]):
-        if self.mixing is None:
-            return x, target
-        return self.mixing(x, target)
+    def _steps(self, x: torch.Tensor, target: Dict[str, torch.Tensor]):
+        """Mix one image-major batch within images, then cut it into its steps."""
+        if self.mixing is not None:
+            x, target = self.mixing(x, target)
+            partner = target.pop('partner')
+            target['partner_region'] = target['region'][partner]
+        k = self.steps_per_batch
+        if k == 1:
+            yield x, target
+            return
+        # rows are (image, crop) image-major: step j takes crop j of every image, made contiguous once
+        images = x.shape[0] // k
+        x = x.view(images, k, *x.shape[1:]).transpose(0, 1).contiguous()
+        target = {key: v.view(images, k, *v.shape[1:]).transpose(0, 1).contiguous() for key, v in target.items()}
+        for j in range(k):
+            yield x[j], {key: v[j] for key, v in target.items()}
 
 
 def create_region_loader(
@@ -221,39 +261,47 @@ def create_region_loader(
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         img_dtype: torch.dtype = torch.float32,
         selfmix: Optional[Any] = None,
+        crop_layout: str = 'spread',
 ) -> RegionLoader:
     """Create a multi-crop loader over a :class:`RegionDataset`, in the style of ``timm.data.create_loader``.
 
-    ``batch_size`` counts crops: each step loads ``batch_size // num_crops`` images and yields all
-    ``num_crops`` crops of each, so it must be a multiple of ``dataset.num_crops``.
+    ``batch_size`` counts crops per step. With ``crop_layout='spread'`` a step holds ``batch_size``
+    distinct images (one crop each) and a DataLoader batch of ``batch_size`` images makes ``num_crops``
+    steps; with ``'image'`` a step holds ``batch_size // num_crops`` images x ``num_crops`` crops, so
+    ``batch_size`` must be a multiple of ``num_crops``.
 
     Args:
         dataset: The region dataset.
-        batch_size: Crops per step (per rank), a multiple of ``dataset.num_crops``.
-        is_training: Shuffle images (per epoch) and drop the last incomplete step.
+        batch_size: Crops per step (per rank).
+        is_training: Shuffle images (per epoch) and drop the last incomplete step (or window).
         num_workers: DataLoader worker processes.
         distributed: Split images over ranks with a ``DistributedSampler`` (each rank sees distinct images).
         num_replicas: World size override (default: from ``torch.distributed`` when distributed).
         rank: Rank override (default: from ``torch.distributed`` when distributed).
         seed: Seed of the image order (default: the dataset's seed).
-        drop_last: Drop the last incomplete step (default: ``is_training``).
+        drop_last: Drop the last incomplete step or window (default: ``is_training``).
         pin_memory: Pin host memory for faster device copies.
         persistent_workers: Keep workers alive between epochs (when ``num_workers > 0``).
-        prefetch_factor: Steps each worker prepares ahead (DataLoader default when None).
+        prefetch_factor: DataLoader batches each worker prepares ahead (DataLoader default when None).
         device: Where inputs and targets go; normalisation and mixing run there.
         mean: Normalisation mean, in [0, 1] units (adapted to the dataset's channels).
         std: Normalisation std, in [0, 1] units.
         img_dtype: dtype of the yielded inputs.
-        selfmix: Optional ``SelfMix``/``SoftMixup`` applied to each step on the device.
+        selfmix: Optional ``SelfMix`` applied on the device, within images, before regrouping.
+        crop_layout: ``'spread'`` (every step B distinct images) or ``'image'`` (FKD's image-major steps).
 
     Returns:
         The loader; it yields ``(input [B, C, H, W], target dict)`` with B = ``batch_size``.
     """
     num_crops = dataset.num_crops
-    if batch_size < num_crops or batch_size % num_crops:
+    if crop_layout not in CROP_LAYOUTS:
+        raise ConfigError(f'crop_layout {crop_layout!r} must be one of {", ".join(CROP_LAYOUTS)}')
+    if batch_size < 1:
+        raise ConfigError(f'batch_size={batch_size} counts crops per step and must be >= 1')
+    if crop_layout == 'image' and batch_size % num_crops:
         raise ConfigError(
             f'batch_size={batch_size} counts crops and must be a positive multiple of num_crops={num_crops} '
-            f'(each step holds batch_size // num_crops images x num_crops crops)')
+            f'with the image crop layout (each step holds batch_size // num_crops images x num_crops crops)')
     if num_workers < 0:
         raise ConfigError(f'num_workers={num_workers} must be >= 0')
     if selfmix is not None and getattr(selfmix, 'num_crops', num_crops) != num_crops:
@@ -273,13 +321,15 @@ def create_region_loader(
     if selfmix is not None and hasattr(selfmix, 'rank'):
         selfmix.rank = sampler.rank
         selfmix.set_epoch(0)
-    images_per_step = batch_size // num_crops
-    if is_training and len(sampler) < images_per_step:
-        raise ConfigError(f'this rank has {len(sampler)} images, fewer than one step of {images_per_step} images '
-                          f'(batch_size={batch_size} / num_crops={num_crops}): lower batch_size')
+    images_per_batch = batch_size if crop_layout == 'spread' else batch_size // num_crops
+    if is_training and len(sampler) < images_per_batch:
+        unit = 'window' if crop_layout == 'spread' else 'step'
+        raise ConfigError(f'this rank has {len(sampler)} images, fewer than one {unit} of {images_per_batch} images '
+                          f'(batch_size={batch_size}, num_crops={num_crops}, crop layout {crop_layout}): '
+                          f'lower batch_size')
     device = torch.device(device)
     loader_kwargs = dict(
-        batch_size=images_per_step,
+        batch_size=images_per_batch,
         sampler=EpochKeySampler(sampler),
         num_workers=num_workers,
         collate_fn=collate_regions,
@@ -290,4 +340,5 @@ def create_region_loader(
     if num_workers > 0 and prefetch_factor is not None:
         loader_kwargs['prefetch_factor'] = prefetch_factor
     loader = DataLoader(dataset, **loader_kwargs)
-    return RegionLoader(loader, device=device, mean=mean, std=std, img_dtype=img_dtype, mixing=selfmix)
+    return RegionLoader(loader, device=device, mean=mean, std=std, img_dtype=img_dtype, mixing=selfmix,
+                        crop_layout=crop_layout)

@@ -11,6 +11,9 @@ pixels. They differ only in whom a crop is mixed with:
 * :class:`SoftMixup` pairs row ``i`` with row ``B - 1 - i`` (timm's ``Mixup`` with the flipped
   batch) but mixes dense soft targets instead of one-hot ones: the cross-image baseline.
 
+With the loader's ``'spread'`` crop layout a batch is a window of ``num_crops`` steps (step j is
+crop j of every image) mixed before it is regrouped; ``mode='batch'`` then draws once per step.
+
 Mixup: ``x = lam x_a + (1 - lam) x_b``. CutMix: a box of ``x_b`` pasted into ``x_a`` (timm's box
 sampler) with ``lam`` set to the exact unpasted area fraction. ``lam ~ Beta(alpha, alpha)``, one per
 batch (``mode='batch'``) or one per crop (``'pair'``/``'elem'``, the same thing here because every
@@ -94,6 +97,9 @@ class _SoftLabelMix:
         self.seed = int(seed)
         self.rank = int(rank)
         self.mix_enabled = True
+        # rows r and r' share the 'batch' draw when r % lam_groups == r' % lam_groups; the loader sets it to
+        # num_crops for spread windows, whose step j holds rows j, j + num_crops, ...
+        self.lam_groups = 1
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -107,7 +113,10 @@ class _SoftLabelMix:
     def _draw(self, n: int, height: int, width: int) -> Tuple[np.ndarray, ...]:
         """Per-row (applied, use_cutmix, lam, box top, bottom, left, right), one draw per batch or per row."""
         rng = self.rng
-        draws = 1 if self.mode == 'batch' else n
+        groups = self.lam_groups if self.mode == 'batch' else n
+        if n % groups:
+            raise ConfigError(f'{type(self).__name__} got {n} crops, not a multiple of lam_groups={groups}')
+        draws = groups
         applied = rng.random(draws) < self.prob
         if self.method == 'switch':
             use_cutmix = rng.random(draws) < self.switch_prob
@@ -127,8 +136,10 @@ class _SoftLabelMix:
         lam = np.where(use_cutmix, 1.0 - area / float(height * width), lam)
         lam = np.where(applied, lam, 1.0)
         out = (applied, use_cutmix & applied, lam, top, bottom, left, right)
-        if draws == 1:
-            out = tuple(np.repeat(v, n) for v in out)
+        if draws != n:
+            # 'batch' mode: row r belongs to step r % groups (one step, or crop j of a spread window)
+            step = np.arange(n) % draws
+            out = tuple(v[step] for v in out)
         return out
 
     @torch.no_grad()
