@@ -76,6 +76,9 @@ group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
 group.add_argument('--train-subset', type=int, default=None, metavar='N',
                    help='train on the first N images only (offline runs use the images their bank covers)')
 group.add_argument('--val-subset', type=int, default=None, metavar='N', help='validate on the first N images only')
+group.add_argument('--val-interval', type=int, default=1, metavar='N',
+                   help='validate (and write summary.csv and checkpoints) every N epochs and after the last '
+                        '(default: 1)')
 
 group = parser.add_argument_group('Model parameters')
 group.add_argument('--model', default='resnet50', type=str, metavar='MODEL',
@@ -261,6 +264,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f'--data-dir {args.data_dir} does not exist')
     if args.batch_size < 1 or args.epochs < 1:
         raise ConfigError('-b/--batch-size and --epochs must be >= 1')
+    if args.val_interval < 1:
+        raise ConfigError(f'--val-interval {args.val_interval} must be >= 1')
     if args.num_crops < 1:
         raise ConfigError(f'--num-crops {args.num_crops} must be >= 1')
     if args.soft_labels and args.crop_layout == 'image' and args.batch_size % args.num_crops:
@@ -538,6 +543,10 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
             mixup_fn, stop, saver, updates_per_epoch)
         if stop.requested:
             return 143
+        if (epoch + 1) % args.val_interval and epoch + 1 < num_epochs:
+            if lr_scheduler is not None:
+                lr_scheduler.step(epoch + 1)
+            continue
         eval_metrics = _validate(task.get_eval_model(), loader_eval, args, device, autocast)
         if task.has_ema():
             ema_metrics = _validate(task.get_eval_model(ema=True), loader_eval, args, device, autocast)
@@ -547,8 +556,7 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
         if primary:
             lrs = [g['lr'] for g in optimizer.param_groups]
             update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(output_dir, 'summary.csv'),
-                           lr=sum(lrs) / len(lrs), write_header=best_metric is None and epoch == start_epoch
-                           and not os.path.exists(os.path.join(output_dir, 'summary.csv')),
+                           lr=sum(lrs) / len(lrs), write_header=not os.path.exists(os.path.join(output_dir, 'summary.csv')),
                            log_wandb=args.log_wandb)
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[eval_metric])
             _logger.info(f'epoch {epoch}: train loss {train_metrics["loss"]:.4f}, val top1 {eval_metrics["top1"]:.2f} '

@@ -1,36 +1,37 @@
 #!/usr/bin/env python3
-"""Accuracy on Fashion-MNIST at equal crops seen: plain, online KD and the offline methods, over seeds.
+"""Accuracy at equal optimizer steps: plain, online KD and the offline methods, settings chosen on validation.
 
-Every run is the real command line, ``train_ferkd.py`` (and ``timm-ferkd generate``) in a subprocess,
-like ``timm-ferkd demo``: a teacher is trained (or reused with ``--teacher-dir``), it labels
-``--regions`` regions of every training image (or ``--bank`` is reused), then the student trains once
-per method and seed. Offline methods train ``--epochs`` epochs with ``--num-crops`` crops per decoded
-image; plain and online KD train ``num_crops x epochs`` epochs of one crop, so every method sees the
-same number of crops per image.
+Every run is the real command line, ``train_ferkd.py`` (and ``timm-ferkd generate``) in a subprocess.
+The protocol keeps the test set out of every choice:
 
-Methods (``--methods``, all by default):
+1. **Split.** The last ``--val-images`` training images are the validation split (``train[N-V:]``): no
+   teacher, bank or student trains on them. The test split is used only in step 4.
+2. **Teacher and banks.** A teacher trains on the other training images (or ``--teacher-dir`` is
+   reused); it labels ``--regions`` regions of the first ``--images`` training images (the students'
+   images) into a bank, and into a second bank with ``--fnkd-tau`` for FNKD.
+3. **Selection, on the validation split** (``--select-seeds``): the learning rate of plain, online KD
+   and FKD from ``--lr-grid``; FerKD's calibration quantiles from ``--calib-grid`` (at FKD's LR);
+   SelfMix's probability from ``--selfmix-grid`` (at the chosen calibration).
+4. **Test**, once, with the chosen settings, ``--seeds`` seeds per method: final and best top-1 on the
+   whole test split, the paired difference to plain per seed (mean ± standard error), and the step at
+   which each method's mean curve first reaches FKD's final top-1.
 
-==============  ========  ==============================================================================
-plain           plain     ground truth, RandomResizedCrop, label smoothing 0.1
-online_kd       online    teacher in the loop, timm's ``LogitDistillationTask`` (``--kd-temperature``)
-fkd             offline   FKD: soft CE on the stored region labels
-ferkd           offline   FerKD calibration only (``--calib-*`` thresholds, no SelfMix)
-ferkd_selfmix   offline   FerKD calibration + SelfMix (Mixup 0.8 / CutMix 1.0, p 0.5)
-prob_shift      offline   FKD labels after the probability shift
-dtd             offline   dynamic temperature distillation on the stored labels (+ CE)
-fnkd            offline   FNKD on the stored labels (+ CE); the student side is feature-normalised,
-                          the teacher side is the stored softmax (a standard bank keeps no teacher norms)
-==============  ========  ==============================================================================
+Fairness: every method makes the same optimizer steps with the same per-update cosine schedule, batch
+and crops seen per image. Offline methods train ``--epochs`` epochs of ``--num-crops`` crops per decoded
+image, spread so that every step holds ``-b`` distinct images; plain and online KD train
+``num_crops x epochs`` epochs of one crop. Validation runs every offline epoch and every ``num_crops``
+plain epochs, so the curves have the same points.
 
-Prints best and final top-1 (mean and std over ``--seeds``) per method, writes ``results.md`` and the
-convergence plot ``convergence.png`` (mean curve per method, x = crops seen per image) to ``--output``.
+Methods: plain (label smoothing 0.1), online_kd (timm ``LogitDistillationTask``, T = 1, its default CE
+weight), fkd (soft CE on stored labels), ferkd (calibration), ferkd_selfmix (calibration + SelfMix),
+prob_shift (FKD labels after the probability shift), dtd (dynamic temperature, no CE term),
+fnkd (bank generated with ``--fnkd-tau``, student feature-normalised, + CE).
 
 Usage::
 
-    python benchmarks/accuracy.py                                   # ~30-40 min on 2 CPU cores
-    python benchmarks/accuracy.py --teacher-dir demo-output/runs/teacher --bank demo-output/bank
-    python benchmarks/accuracy.py --device cuda --images 60000 --epochs 10 --workers 8
-    python benchmarks/accuracy.py --smoke --output /tmp/acc          # seconds per run, for CI
+    python benchmarks/accuracy.py --output accuracy-output                  # Fashion-MNIST, ~1.5 h on 2 CPUs
+    python benchmarks/accuracy.py --dataset cluttered --output acc-cluttered
+    python benchmarks/accuracy.py --smoke                                   # seconds per run, for CI
 """
 import argparse
 import json
@@ -44,7 +45,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,68 +53,179 @@ from train_throughput import machine_facts
 
 REPO = Path(__file__).resolve().parent.parent
 
+DATASETS = {
+    # name: (timm dataset name, input size, training images in the split)
+    'fashion_mnist': ('torch/fashion_mnist', 28, 60000),
+    'cluttered': ('ferkd-cluttered/fashion_mnist', 64, 60000),
+}
+
 
 @dataclass
 class Method:
-    """One row of the comparison: a name, a description, a mode and its extra train_ferkd.py flags."""
+    """One row of the comparison: a name, a mode and its extra train_ferkd.py flags."""
     name: str
     mode: str  # 'plain' | 'online' | 'offline'
     description: str
     flags: List[str] = field(default_factory=list)
+    bank: str = 'bank'
 
 
-def methods_for(args: argparse.Namespace) -> Dict[str, Method]:
-    """All methods, with the calibration thresholds and temperatures of ``args``."""
-    calib = ['--calib-low', str(args.calib_low), '--calib-mid', str(args.calib_mid), '--calib-top', str(args.calib_top)]
-    if args.calib_quantile:
-        calib.append('--calib-quantile')
-    selfmix = ['--selfmix', '0.8', '--selfmix-cutmix', '1.0', '--selfmix-prob', '0.5']
+def calib_flags(spec: str) -> List[str]:
+    """``'low,mid,top'`` quantiles -> train_ferkd.py flags (``'0,0,1'`` keeps every region: FKD)."""
+    low, mid, top = (float(v) for v in spec.split(','))
+    return ['--calib-quantile', '--calib-low', str(low), '--calib-mid', str(mid), '--calib-top', str(top)]
+
+
+def selfmix_flags(prob: float) -> List[str]:
+    return ['--selfmix', '0.8', '--selfmix-cutmix', '1.0', '--selfmix-prob', str(prob)]
+
+
+def methods_for(calib: str, selfmix_prob: float) -> Dict[str, Method]:
+    """All methods, with the chosen calibration and SelfMix probability."""
     rows = [
         Method('plain', 'plain', 'supervised, RandomResizedCrop, label smoothing 0.1'),
-        Method('online_kd', 'online', 'online KD, teacher in the loop (timm LogitDistillationTask)',
-               ['--kd-loss', 'kd', '--kd-temperature', str(args.kd_temperature)]),
+        Method('online_kd', 'online', 'online KD, teacher in the loop (timm LogitDistillationTask, T=1)',
+               ['--kd-loss', 'kd', '--kd-temperature', '1']),
         Method('fkd', 'offline', 'FKD: soft CE on stored region labels', ['--distill-loss', 'soft_ce']),
-        Method('ferkd', 'offline', 'FerKD: region calibration only', ['--distill-loss', 'ferkd', *calib]),
-        Method('ferkd_selfmix', 'offline', 'FerKD: region calibration + SelfMix',
-               ['--distill-loss', 'ferkd', *calib, *selfmix]),
-        Method('prob_shift', 'offline', 'FKD labels with probability shift',
+        Method('ferkd', 'offline', f'FerKD: calibration (quantiles {calib})',
+               ['--distill-loss', 'ferkd', *calib_flags(calib)]),
+        Method('ferkd_selfmix', 'offline', f'FerKD: calibration + SelfMix p={selfmix_prob}',
+               ['--distill-loss', 'ferkd', *calib_flags(calib), *selfmix_flags(selfmix_prob)]),
+        Method('prob_shift', 'offline', 'FKD labels after the probability shift',
                ['--distill-loss', 'soft_ce', '--prob-shift']),
-        Method('dtd', 'offline', 'dynamic temperature distillation (stored labels)', ['--distill-loss', 'dtd']),
-        Method('fnkd', 'offline', 'FNKD, student feature-normalised (stored labels)', ['--distill-loss', 'fnkd']),
+        Method('dtd', 'offline', 'dynamic temperature distillation, no CE term', ['--distill-loss', 'dtd']),
+        Method('fnkd', 'offline', 'FNKD: bank of softmax(tau z/||f||), student normalised, + CE',
+               ['--distill-loss', 'fnkd'], bank='bank-fnkd'),
     ]
     return {m.name: m for m in rows}
 
 
-def run_logged(step: str, cmd: Sequence[str], log: Path, threads: int = 0) -> float:
-    """Run ``cmd`` with its output in ``log``; exit with the log's tail if it fails. Returns seconds."""
-    print(f'=== {step}\n$ {" ".join(shlex.quote(str(c)) for c in cmd)}', flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
-    start = time.perf_counter()
-    with open(log, 'w') as f:
-        result = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        tail = log.read_text().splitlines()[-30:]
-        print('\n'.join(tail), file=sys.stderr)
-        raise SystemExit(f'accuracy.py: step "{step}" failed (exit {result.returncode}); full log: {log}')
-    print(f'    done in {seconds:.0f}s', flush=True)
-    return seconds
+class Bench:
+    """Runs, caches and reads the benchmark's training runs."""
+
+    def __init__(self, args: argparse.Namespace, out: Path):
+        self.args = args
+        self.out = out
+        self.runs = out / 'runs'
+        self.logs = out / 'logs'
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.dataset, self.size, train_images = DATASETS[args.dataset]
+        self.holdout = train_images - args.val_images
+        self.val_split = f'train[{self.holdout}:]'
+        self.seconds: Dict[str, float] = {}
+
+    def run(self, step: str, cmd: Sequence[str], log: Path) -> float:
+        """Run ``cmd`` with its output in ``log``; exit with the log's tail if it fails."""
+        print(f'=== {step}\n$ {" ".join(shlex.quote(str(c)) for c in cmd)}', flush=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.args.threads)) if self.args.threads else None
+        start = time.perf_counter()
+        with open(log, 'w') as f:
+            result = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            print('\n'.join(log.read_text().splitlines()[-30:]), file=sys.stderr)
+            raise SystemExit(f'accuracy.py: step "{step}" failed (exit {result.returncode}); full log: {log}')
+        print(f'    done in {seconds:.0f}s', flush=True)
+        return seconds
+
+    def common(self) -> List[str]:
+        a = self.args
+        return ['--data-dir', a.data_dir, '--dataset', self.dataset, '--num-classes', '10',
+                '--input-size', '1', str(self.size), str(self.size), '-j', str(a.workers), '--device', a.device,
+                '--output', str(self.runs), '--log-interval', '100', '--opt', 'sgd', '--weight-decay', '5e-4',
+                '--sched', 'cosine', '--sched-on-updates', '--warmup-epochs', '0', '--checkpoint-hist', '1',
+                *(['--amp', '--amp-dtype', 'bfloat16'] if a.amp else [])]
+
+    def teacher(self) -> Path:
+        a = self.args
+        if a.teacher_dir:
+            path = Path(a.teacher_dir)
+            checkpoint = path / 'model_best.pth.tar' if path.is_dir() else path
+            if not checkpoint.is_file():
+                raise SystemExit(f'accuracy.py: --teacher-dir {path} has no model_best.pth.tar')
+            return checkpoint
+        run = self.runs / 'teacher'
+        if not completed(run):
+            shutil.rmtree(run, ignore_errors=True)
+            self.run('train the teacher on the training images outside the validation split', [
+                sys.executable, REPO / 'train_ferkd.py', *self.common(), '--model', a.teacher,
+                '--experiment', 'teacher', '--train-subset', str(a.teacher_images or self.holdout),
+                '--val-split', self.val_split,
+                '--epochs', str(a.teacher_epochs), '-b', '128', '--lr', '0.1', '--scale', *map(str, a.scale),
+                '--smoothing', '0', '--seed', '0'], self.logs / 'teacher.log')
+        return run / 'model_best.pth.tar'
+
+    def bank(self, teacher: Path, name: str, extra: Sequence[str] = ()) -> Path:
+        a = self.args
+        out = self.out / name
+        if not (out / 'manifest.json').is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            self.run(f'label regions with the teacher ({name})', [
+                sys.executable, '-m', 'timm_ferkd', 'generate', '--model', a.teacher, '--checkpoint', teacher,
+                '--num-classes', '10', '--in-chans', '1', '--dataset', self.dataset, '--data-dir', a.data_dir,
+                '--num-images', str(a.images), '--regions', str(a.regions),
+                '--input-size', '1', str(self.size), str(self.size), '--scale', *map(str, a.scale), '--seed', '0',
+                '-j', str(a.workers), '-b', '512', '--device', a.device, '--no-progress',
+                '--images-per-shard', '2000', *extra, '--output', out], self.logs / f'{name}.log')
+        return out
+
+    def train(self, exp: str, method: Method, seed: int, lr: float, validate_on: str, teacher: Path,
+              extra: Sequence[str] = ()) -> 'Run':
+        """One student run (reused when finished); ``validate_on`` is 'val' or 'test'."""
+        from timm_ferkd.runs import load_run
+        a = self.args
+        run_dir = self.runs / exp
+        if not completed(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if method.mode == 'offline':
+                flags = ['--soft-labels', str(self.out / method.bank), '--num-crops', str(a.num_crops),
+                         '--epochs', str(a.epochs)]
+            else:
+                # num_crops x the epochs of one crop: the same steps; validated at the offline epochs' steps
+                flags = ['--train-subset', str(a.images), '--epochs', str(a.epochs * a.num_crops),
+                         '--val-interval', str(a.num_crops), '--scale', *map(str, a.scale)]
+                if method.mode == 'online':
+                    flags += ['--kd-model-name', a.teacher, '--kd-checkpoint', str(teacher)]
+            val = ['--val-split', self.val_split] if validate_on == 'val' else ['--val-split', 'test']
+            self.seconds[exp] = self.run(f'{exp}: {method.description}', [
+                sys.executable, REPO / 'train_ferkd.py', *self.common(), '--model', a.student,
+                '-b', str(a.batch_size), '--lr', str(lr), '--experiment', exp, '--seed', str(seed), *val,
+                *flags, *method.flags, *extra], self.logs / f'{exp}.log')
+        return load_run(run_dir)
 
 
-def completed(run_dir: Path, epochs: int) -> bool:
-    """Whether ``run_dir`` holds a finished run of ``epochs`` epochs (so a rerun can skip it)."""
-    summary = run_dir / 'summary.csv'
-    return summary.is_file() and len(summary.read_text().strip().splitlines()) == epochs + 1
+def completed(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run (its last epoch validated and saved)."""
+    import yaml
+    summary, args_yaml = run_dir / 'summary.csv', run_dir / 'args.yaml'
+    if not (summary.is_file() and args_yaml.is_file()):
+        return False
+    epochs = int((yaml.safe_load(args_yaml.read_text()) or {}).get('epochs', -1))
+    rows = summary.read_text().strip().splitlines()[1:]
+    return bool(rows) and int(float(rows[-1].split(',')[0])) == epochs - 1
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def std(values: Sequence[float]) -> float:
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+
+
+def pm(values: Sequence[float]) -> str:
+    return f'{mean(values):.2f} ± {std(values):.2f}'
+
+
+def steps_of(run, steps_per_epoch: int) -> List[int]:
+    return [int(e + 1) * steps_per_epoch for e in run.metrics['epoch']]
 
 
 def check_reuse(out: Path, args: argparse.Namespace) -> None:
-    """Finished runs in ``out`` are reused; refuse if they were made with other sizes or settings.
-
-    Seeds and methods may change between invocations (more seeds, more methods): they add runs.
-    """
-    keys = ('images', 'val_images', 'epochs', 'num_crops', 'regions', 'scale', 'teacher', 'teacher_epochs',
-            'teacher_dir', 'bank', 'student', 'batch_size', 'lr', 'kd_temperature', 'calib_low', 'calib_mid',
-            'calib_top', 'calib_quantile', 'device', 'amp')
+    """Finished runs in ``out`` are reused; refuse if they were made with other sizes or settings."""
+    keys = ('dataset', 'images', 'val_images', 'epochs', 'num_crops', 'regions', 'scale', 'teacher',
+            'teacher_epochs', 'teacher_images', 'teacher_dir', 'student', 'batch_size', 'device', 'amp', 'fnkd_tau')
     config = json.loads(json.dumps({k: getattr(args, k) for k in keys}))
     path = out / 'benchmark-config.json'
     if path.is_file():
@@ -125,151 +237,118 @@ def check_reuse(out: Path, args: argparse.Namespace) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
-def common_flags(args: argparse.Namespace, runs: Path) -> List[str]:
-    """train_ferkd.py flags every run shares (data, input, optimiser, schedule, output)."""
-    return ['--data-dir', args.data_dir, '--dataset', 'torch/fashion_mnist', '--num-classes', '10',
-            '--input-size', '1', '28', '28', '--val-subset', str(args.val_images), '-j', str(args.workers),
-            '--device', args.device, '--output', str(runs), '--log-interval', '50', '--opt', 'sgd',
-            '--weight-decay', '5e-4', '--sched', 'cosine', '--warmup-epochs', '0', '--checkpoint-hist', '1',
-            *(['--amp', '--amp-dtype', 'bfloat16'] if args.amp else [])]
-
-
-def prepare_teacher(args: argparse.Namespace, runs: Path, logs: Path) -> Path:
-    """The teacher checkpoint: ``--teacher-dir``'s (or file), else train one."""
-    if args.teacher_dir:
-        path = Path(args.teacher_dir)
-        checkpoint = path / 'model_best.pth.tar' if path.is_dir() else path
-        if not checkpoint.is_file():
-            raise SystemExit(f'accuracy.py: --teacher-dir {path} has no model_best.pth.tar')
-        args_yaml = checkpoint.parent / 'args.yaml'
-        if args_yaml.is_file():
-            import yaml
-            model = (yaml.safe_load(args_yaml.read_text()) or {}).get('model')
-            if model and model != args.teacher:
-                print(f'using teacher model {model} from {args_yaml} (instead of --teacher {args.teacher})')
-                args.teacher = model
-        return checkpoint
-    run = runs / 'teacher'
-    if not completed(run, args.teacher_epochs):
-        shutil.rmtree(run, ignore_errors=True)
-        run_logged('train the teacher', [
-            sys.executable, REPO / 'train_ferkd.py', *common_flags(args, runs), '--model', args.teacher,
-            '--experiment', 'teacher', '--train-subset', str(args.images), '--epochs', str(args.teacher_epochs),
-            '-b', str(args.batch_size), '--lr', '0.1', '--scale', *map(str, args.scale), '--smoothing', '0.1',
-            '--seed', '0'], logs / 'teacher.log', args.threads)
-    return run / 'model_best.pth.tar'
-
-
-def prepare_bank(args: argparse.Namespace, teacher: Path, out: Path, logs: Path) -> Path:
-    """The soft-label bank: ``--bank``, else label ``--regions`` regions of every image with the teacher."""
-    if args.bank:
-        from timm_ferkd.bank.reader import open_bank
-        bank = open_bank(args.bank)
-        if bank.manifest.num_images != args.images:
-            print(f'the bank labels {bank.manifest.num_images} images: every method trains on those '
-                  f'(instead of --images {args.images})')
-            args.images = bank.manifest.num_images
-        if args.teacher_dir is None and 'online_kd' in args.methods:
-            print('warning: --bank without --teacher-dir: online KD uses a newly trained teacher, not the bank\'s')
-        return Path(args.bank)
-    if not (out / 'manifest.json').is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        run_logged('label regions with the teacher (soft-label bank)', [
-            sys.executable, '-m', 'timm_ferkd', 'generate', '--model', args.teacher, '--checkpoint', teacher,
-            '--num-classes', '10', '--in-chans', '1', '--dataset', 'torch/fashion_mnist', '--data-dir', args.data_dir,
-            '--num-images', str(args.images), '--regions', str(args.regions), '--input-size', '1', '28', '28',
-            '--scale', *map(str, args.scale), '--seed', '0', '-j', str(args.workers), '-b', '512',
-            '--device', args.device, '--no-progress', '--images-per-shard', '2000', '--output', out],
-            logs / 'generate.log', args.threads)
-    return out
-
-
-def train_flags(method: Method, args: argparse.Namespace, bank: Path, teacher: Path) -> List[str]:
-    """Flags of one method: offline methods E epochs x num_crops crops, the others num_crops x E epochs."""
-    if method.mode == 'offline':
-        return ['--soft-labels', str(bank), '--num-crops', str(args.num_crops), '--epochs', str(args.epochs),
-                *method.flags]
-    flags = ['--train-subset', str(args.images), '--epochs', str(args.epochs * args.num_crops),
-             '--scale', *map(str, args.scale)]
-    if method.mode == 'online':
-        flags += ['--kd-model-name', args.teacher, '--kd-checkpoint', str(teacher)]
-    return flags + method.flags
-
-
-def mean_std(values: Sequence[float]) -> str:
-    """'mean ± std' (sample std; 0 for one value)."""
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f'{mean:.2f} ± {std:.2f}'
-
-
-def mean_run(name: str, runs: list):
-    """A Run whose metrics are the per-epoch mean over seeds (for one curve per method)."""
-    from timm_ferkd.runs import Run
-    epochs = min(len(r.metrics.get('epoch', [])) for r in runs)
-    metrics = {}
-    for key in ('epoch', 'eval_top1', 'train_loss'):
-        if all(key in r.metrics for r in runs):
-            metrics[key] = [sum(r.metrics[key][e] for r in runs) / len(runs) for e in range(epochs)]
-    return Run(name=name, path=runs[0].path, metrics=metrics, crops_per_image=runs[0].crops_per_image)
+def select(bench: Bench, teacher: Path) -> Tuple[Dict[str, float], str, float, List[str]]:
+    """Step 3: LRs, calibration and SelfMix strength, chosen on the validation split. Returns them and a report."""
+    a = bench.args
+    report = [f'## Selection on the validation split ({bench.val_split}, seeds {" ".join(map(str, a.select_seeds))})',
+              '', 'Final validation top-1, mean over the selection seeds.', '']
+    base = methods_for('0,0,1', 0.5)
+    lrs: Dict[str, float] = {}
+    report += ['| method | ' + ' | '.join(f'lr {lr:g}' for lr in a.lr_grid) + ' | chosen |',
+               '|---|' + '---|' * (len(a.lr_grid) + 1)]
+    for name in ('plain', 'online_kd', 'fkd'):
+        scores = {}
+        for lr in a.lr_grid:
+            scores[lr] = mean([bench.train(f'sel-{name}-lr{lr:g}-s{s}', base[name], s, lr, 'val', teacher).final_top1
+                               for s in a.select_seeds])
+        lrs[name] = max(scores, key=scores.get)
+        if name == 'fkd':
+            fkd_scores = scores
+        report.append(f'| {name} | ' + ' | '.join(f'{scores[lr]:.2f}' for lr in a.lr_grid) + f' | {lrs[name]:g} |')
+    offline_lr = lrs['fkd']
+    report += ['', f'FerKD calibration (quantiles low,mid,top; at FKD\'s LR {offline_lr:g}): `0,0,1` keeps every '
+               f'region (FKD); regions below the low and above the top quantile are discarded, those between '
+               f'low and mid get the ground truth smoothed by eps 0.1.', '',
+               '| quantiles | val top-1 | vs FKD |', '|---|---|---|']
+    fkd_val = None
+    calib_scores = {}
+    for spec in a.calib_grid:
+        if spec == '0,0,1':  # no calibration: the FKD runs at that LR
+            calib_scores[spec] = fkd_val = fkd_scores[offline_lr]
+            continue
+        method = Method('ferkd', 'offline', f'FerKD calibration {spec}', ['--distill-loss', 'ferkd', *calib_flags(spec)])
+        tag = spec.replace(',', '_')
+        calib_scores[spec] = mean([bench.train(f'sel-ferkd-{tag}-s{s}', method, s, offline_lr, 'val', teacher).final_top1
+                                   for s in a.select_seeds])
+    fkd_val = fkd_scores[offline_lr] if fkd_val is None else fkd_val
+    calib = max((s for s in a.calib_grid if s != '0,0,1'), key=calib_scores.get, default=a.calib_grid[0])
+    for spec in a.calib_grid:
+        mark = ' (chosen)' if spec == calib else ''
+        report.append(f'| `{spec}`{mark} | {calib_scores[spec]:.2f} | {calib_scores[spec] - fkd_val:+.2f} |')
+    report += ['', f'SelfMix (Mixup 0.8 / CutMix 1.0, at calibration `{calib}`):', '',
+               '| probability | val top-1 | vs calibration only |', '|---|---|---|']
+    mix_scores = {}
+    for prob in a.selfmix_grid:
+        method = Method('ferkd_selfmix', 'offline', f'FerKD {calib} + SelfMix p={prob}',
+                        ['--distill-loss', 'ferkd', *calib_flags(calib), *selfmix_flags(prob)])
+        tag = calib.replace(',', '_')
+        mix_scores[prob] = mean([bench.train(f'sel-selfmix-{tag}-p{prob:g}-s{s}', method, s, offline_lr, 'val',
+                                             teacher).final_top1 for s in a.select_seeds])
+    selfmix_prob = max(mix_scores, key=mix_scores.get)
+    for prob in a.selfmix_grid:
+        mark = ' (chosen)' if prob == selfmix_prob else ''
+        report.append(f'| {prob:g}{mark} | {mix_scores[prob]:.2f} | {mix_scores[prob] - calib_scores[calib]:+.2f} |')
+    return lrs, calib, selfmix_prob, report
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--output', default=None, help='runs, logs, results.md, convergence.png '
                         '(default: accuracy-output; a temp dir with --smoke)')
+    parser.add_argument('--dataset', default='fashion_mnist', choices=sorted(DATASETS))
     parser.add_argument('--data-dir', default=None, help='Fashion-MNIST directory (default: OUTPUT/data, prepared)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast in every run')
     parser.add_argument('--methods', nargs='+', default=None, help='subset of the methods (default: all)')
-    parser.add_argument('--seeds', type=int, nargs='+', default=None, help='student seeds (default 0 1 2)')
-    parser.add_argument('--images', type=int, default=None, help='training images, the first N (default 2000)')
-    parser.add_argument('--val-images', type=int, default=None, help='validation images (default 2000)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=None, help='test seeds (default 0 1 2 3 4)')
+    parser.add_argument('--select-seeds', type=int, nargs='+', default=None, help='selection seeds (default 100 101)')
+    parser.add_argument('--images', type=int, default=None, help='student images, the first N (default 4000)')
+    parser.add_argument('--val-images', type=int, default=None, help='validation split: the last N (default 5000)')
     parser.add_argument('--epochs', type=int, default=None, help='offline epochs E; plain/online get num_crops x E')
     parser.add_argument('--num-crops', type=int, default=4)
     parser.add_argument('--regions', type=int, default=None, help='regions per image in the bank (default 24)')
-    parser.add_argument('--scale', type=float, nargs=2, default=(0.35, 1.0),
-                        help='RandomResizedCrop scale of the bank regions and of plain/online training')
-    parser.add_argument('--teacher', default=None, help='teacher model (default resnet18)')
-    parser.add_argument('--teacher-epochs', type=int, default=None, help='teacher training epochs (default 8)')
+    parser.add_argument('--scale', type=float, nargs=2, default=None,
+                        help='RandomResizedCrop scale of the bank regions and of plain/online training '
+                             '(default 0.35 1 on Fashion-MNIST, 0.08 1 on cluttered)')
+    parser.add_argument('--teacher', default=None, help='teacher model (default test_resnet)')
+    parser.add_argument('--teacher-epochs', type=int, default=None, help='teacher training epochs (default 4)')
+    parser.add_argument('--teacher-images', type=int, default=None,
+                        help='teacher training images, the first N (default: all outside the validation split)')
     parser.add_argument('--teacher-dir', default=None, help='reuse a teacher: a train_ferkd.py run dir or checkpoint')
-    parser.add_argument('--bank', default=None, help='reuse a bank made by that teacher (else generated)')
     parser.add_argument('--student', default=None, help='student model (default test_resnet)')
     parser.add_argument('-b', '--batch-size', type=int, default=128, help='crops per step, every run')
-    parser.add_argument('--lr', type=float, default=0.2, help='student learning rate, every method')
+    parser.add_argument('--lr-grid', type=float, nargs='+', default=None, help='LR grid (default 0.1 0.2 0.4)')
+    parser.add_argument('--calib-grid', nargs='+', default=None,
+                        help='FerKD quantile triples low,mid,top to choose from (0,0,1 is FKD)')
+    parser.add_argument('--selfmix-grid', type=float, nargs='+', default=None, help='SelfMix probabilities')
+    parser.add_argument('--fnkd-tau', type=float, default=2.0, help='tau of the FNKD bank')
     parser.add_argument('-j', '--workers', type=int, default=2)
-    parser.add_argument('--kd-temperature', type=float, default=1.0, help='online KD temperature')
-    parser.add_argument('--calib-low', type=float, default=0.05, help='FerKD T_L (a quantile with --calib-quantile)')
-    parser.add_argument('--calib-mid', type=float, default=0.2, help='FerKD T_M')
-    parser.add_argument('--calib-top', type=float, default=1.0, help='FerKD T_T')
-    parser.add_argument('--calib-quantile', action=argparse.BooleanOptionalAction, default=True,
-                        help='read the thresholds as quantiles of the bank\'s max probabilities (default on)')
     parser.add_argument('--threads', type=int, default=0,
                         help='OMP_NUM_THREADS of every run (default 0: torch\'s choice; 1 with --smoke)')
     parser.add_argument('--smoke', action='store_true', help='tiny sizes, one seed, one thread, for CI')
     args = parser.parse_args(argv)
-    defaults = dict(images=2000, val_images=2000, epochs=3, regions=24, teacher='resnet18', teacher_epochs=8,
-                    student='test_resnet', seeds=[0, 1, 2])
+    defaults = dict(images=4000, val_images=5000, epochs=6, regions=24, teacher='test_resnet', teacher_epochs=4,
+                    student='test_resnet', seeds=[0, 1, 2, 3, 4], select_seeds=[100, 101], lr_grid=[0.1, 0.2, 0.4],
+                    calib_grid=['0,0,1', '0.05,0.05,1', '0.05,0.05,0.95', '0.1,0.1,0.9', '0.05,0.2,0.95'],
+                    selfmix_grid=[0.25, 0.5, 1.0],
+                    scale=[0.08, 1.0] if args.dataset == 'cluttered' else [0.35, 1.0])
     if args.smoke:
-        defaults.update(images=64, val_images=64, epochs=1, regions=8, teacher='test_resnet', teacher_epochs=1,
-                        seeds=[0])
+        defaults.update(images=64, val_images=64, epochs=1, regions=8, teacher_epochs=1, teacher_images=256, seeds=[0],
+                        select_seeds=[100], lr_grid=[0.1], calib_grid=['0,0,1', '0.1,0.1,0.9'], selfmix_grid=[0.5])
         args.batch_size, args.workers = 32, 0
         args.threads = args.threads or 1
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    all_methods = methods_for(args)
+    all_methods = methods_for('0,0,1', 0.5)
     args.methods = args.methods or list(all_methods)
     unknown = [m for m in args.methods if m not in all_methods]
     if unknown:
         raise SystemExit(f'accuracy.py: unknown --methods {unknown}; choose from {", ".join(all_methods)}')
 
-    tmp = None
-    if args.output is None and args.smoke:
-        tmp = tempfile.TemporaryDirectory(prefix='ferkd-acc-bench-')
+    tmp = tempfile.TemporaryDirectory(prefix='ferkd-acc-bench-') if args.output is None and args.smoke else None
     out = Path(tmp.name if tmp else (args.output or 'accuracy-output')).resolve()
-    runs, logs = out / 'runs', out / 'logs'
-    logs.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args, out)
     check_reuse(out, args)
     from timm_ferkd.data.fashion_mnist import ensure_fashion_mnist
     args.data_dir = str(ensure_fashion_mnist(Path(args.data_dir) if args.data_dir else out / 'data'))
@@ -277,65 +356,73 @@ def main(argv: Optional[List[str]] = None) -> int:
     facts = machine_facts(torch.device(args.device))
     print(facts, flush=True)
 
-    teacher = prepare_teacher(args, runs, logs)
-    bank = prepare_bank(args, teacher, out / 'bank', logs)
-    calib = (f'calibration thresholds ({"quantiles" if args.calib_quantile else "absolute"}): '
-             f'T_L={args.calib_low}, T_M={args.calib_mid}, T_T={args.calib_top}')
-    print(calib, flush=True)
+    teacher = bench.teacher()
+    bench.bank(teacher, 'bank')
+    if 'fnkd' in args.methods:
+        bench.bank(teacher, 'bank-fnkd', ['--fnkd-tau', str(args.fnkd_tau)])
+    lrs, calib, selfmix_prob, selection = select(bench, teacher)
+    methods = methods_for(calib, selfmix_prob)
 
-    from timm_ferkd.runs import load_run, plot_runs
-    student = ['--model', args.student, '-b', str(args.batch_size), '--lr', str(args.lr)]
-    results, seconds = {}, {}
+    from timm_ferkd.runs import load_run
+    results = {}
     for name in args.methods:
-        method = all_methods[name]
-        epochs = args.epochs if method.mode == 'offline' else args.epochs * args.num_crops
-        results[name], seconds[name] = [], []
-        for seed in args.seeds:
-            exp = f'{name}-s{seed}'
-            if not completed(runs / exp, epochs):
-                shutil.rmtree(runs / exp, ignore_errors=True)
-                seconds[name].append(run_logged(f'{exp}: {method.description}', [
-                    sys.executable, REPO / 'train_ferkd.py', *common_flags(args, runs), *student,
-                    '--experiment', exp, '--seed', str(seed), *train_flags(method, args, bank, teacher)],
-                    logs / f'{exp}.log', args.threads))
-            results[name].append(load_run(runs / exp))
+        method = methods[name]
+        lr = lrs.get(name, lrs['fkd'] if method.mode == 'offline' else lrs['plain'])
+        results[name] = [bench.train(f'test-{name}-s{s}', method, s, lr, 'test', teacher) for s in args.seeds]
 
-    teacher_top1 = load_run(teacher.parent).best_top1 if (teacher.parent / 'summary.csv').is_file() else float('nan')
-    crops_seen = args.epochs * args.num_crops
-    header = (f'Fashion-MNIST: student {args.student}, teacher {args.teacher} (top-1 {teacher_top1:.2f}), '
-              f'{args.images} training images, {crops_seen} crops seen per image, {args.val_images} validation '
-              f'images, bank of {args.regions} regions per image, seeds {" ".join(map(str, args.seeds))}')
-    rows = []
+    steps_per_epoch = (args.images // args.batch_size) * args.num_crops  # per offline epoch
+    teacher_run = teacher.parent
+    teacher_top1 = load_run(teacher_run).best_top1 if (teacher_run / 'summary.csv').is_file() else float('nan')
+    header = (f'{args.dataset}: student {args.student}, teacher {args.teacher} (validation top-1 {teacher_top1:.2f}, '
+              f'trained on {bench.holdout} images), students on the first {args.images} training images, '
+              f'{args.epochs} x {args.num_crops} crops per image = {args.epochs * steps_per_epoch} steps of '
+              f'{args.batch_size}, bank of {args.regions} regions per image (scale {args.scale[0]:g}-{args.scale[1]:g}), '
+              f'test split (all images) once, seeds {" ".join(map(str, args.seeds))}')
+    fkd_final = mean([r.final_top1 for r in results['fkd']]) if 'fkd' in results else None
+    rows = ['| method | LR | final top-1 | best top-1 | final - plain (paired, ± s.e.) | steps to FKD\'s final |',
+            '|---|---|---|---|---|---|']
+    curves = {}
     for name in args.methods:
-        method, loaded = all_methods[name], results[name]
-        wall = f'{sum(seconds[name]) / len(seconds[name]):.0f}' if seconds[name] else 'reused'
-        rows.append((name, method.mode, f'{args.epochs if method.mode == "offline" else crops_seen} x '
-                     f'{args.num_crops if method.mode == "offline" else 1}',
-                     mean_std([r.best_top1 for r in loaded]), mean_std([r.final_top1 for r in loaded]), wall,
-                     method.description))
-    plain_best = [r.best_top1 for r in results['plain']] if 'plain' in results else None
-    columns = ('method', 'mode', 'epochs x crops', 'best top-1', 'final top-1', 's/run', 'description')
-    print(f'\n{header}\n{calib}')
-    print(f'{columns[0]:<14} {columns[1]:<8} {columns[2]:>14} {columns[3]:>14} {columns[4]:>14} {columns[5]:>6}'
-          f' {"vs plain":>9}  {columns[6]}')
-    for row in rows:
-        best = [r.best_top1 for r in results[row[0]]]
-        delta = f'{sum(best) / len(best) - sum(plain_best) / len(plain_best):+.2f}' if plain_best else 'n/a'
-        print(f'{row[0]:<14} {row[1]:<8} {row[2]:>14} {row[3]:>14} {row[4]:>14} {row[5]:>6} {delta:>9}  {row[6]}')
+        method, runs = methods[name], results[name]
+        lr = lrs.get(name, lrs['fkd'] if method.mode == 'offline' else lrs['plain'])
+        finals = [r.final_top1 for r in runs]
+        paired = 'n/a'
+        if 'plain' in results and name != 'plain':
+            diffs = [f - p.final_top1 for f, p in zip(finals, results['plain'])]
+            paired = f'{mean(diffs):+.2f} ± {std(diffs) / math.sqrt(len(diffs)):.2f}'
+        epochs = min(len(r.metrics['eval_top1']) for r in runs)
+        curve = [mean([r.metrics['eval_top1'][e] for r in runs]) for e in range(epochs)]
+        xs = [(e + 1) * args.epochs * steps_per_epoch // epochs for e in range(epochs)]
+        curves[name] = (xs, curve)
+        reach = 'n/a'
+        if fkd_final is not None:
+            hit = next((x for x, v in zip(xs, curve) if v >= fkd_final), None)
+            reach = f'{hit} ({hit / xs[-1]:.0%})' if hit else 'not reached'
+        rows.append(f'| {name} | {lr:g} | {pm(finals)} | {pm([r.best_top1 for r in runs])} | {paired} | {reach} |')
+        print(rows[-1], flush=True)
 
     plot = out / 'convergence.png'
     try:
-        plot_runs([mean_run(name, results[name]) for name in args.methods], plot, x='crops',
-                  title=f'{args.student} on Fashion-MNIST, mean of {len(args.seeds)} seed(s)')
-    except Exception as e:  # matplotlib missing: the table is the result, the plot a courtesy
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, (xs, curve) in curves.items():
+            ax.plot(xs, curve, marker='o', markersize=3, label=name)
+        ax.set(xlabel='optimizer steps', ylabel='test top-1 (%)',
+               title=f'{args.student} on {args.dataset}, mean of {len(args.seeds)} seeds')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        plt.close(fig)
+    except ImportError:
         plot = None
-        print(f'no plot: {e}')
-    table = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-    table += ['| ' + ' | '.join(row) + ' |' for row in rows]
-    md = '\n'.join(['# Accuracy at equal crops seen\n', header + '.', '', calib + '.', '', facts, '', *table, '',
-                    f'Best / final top-1: mean ± std over seeds. Plot: {plot.name if plot else "none"}.', ''])
+    md = '\n'.join(['# Accuracy at equal optimizer steps', '', header + '.', '', facts, '', *selection, '',
+                    '## Test split', '', *rows, '', f'Plot: {plot.name if plot else "none (no matplotlib)"}. '
+                    f'Total {time.perf_counter() - start:.0f} s.', ''])
     (out / 'results.md').write_text(md)
-    print(f'results: {out / "results.md"}   plot: {plot}   total {time.perf_counter() - start:.0f}s', flush=True)
+    print(f'\n{md}\nresults: {out / "results.md"}', flush=True)
     if tmp is not None:
         tmp.cleanup()
     return 0

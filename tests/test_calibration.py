@@ -188,13 +188,17 @@ def test_dataset_quantile_thresholds(tmp_path, source):
     assert ((ds.categories == D) == ((stored < t.low) | (stored > t.top))).all()
 
 
-def test_calibration_that_discards_every_region_of_an_image_names_it(tmp_path, source):
+def test_an_image_whose_every_region_is_discarded_keeps_them(tmp_path, source):
     m = np.full((6, R), 0.5, dtype=np.float32)
-    m[4] = 0.875                                       # image 4 is confident everywhere
+    m[4] = 0.875                                       # image 4 is confident everywhere: above T_T
+    m[2] = 0.125                                       # image 2 is unsure everywhere: below T_L
     bank = _bank(tmp_path, source, m)
-    with pytest.raises(ConfigError, match=r'image 4 \(class_1/img_\d+\.png\).*loosen') as info:
-        RegionDataset(source, bank, num_crops=2, input_size=8, calibration=CalibrationConfig(0.25, 0.5, 0.75))
-    assert 'discards every region' in str(info.value)
+    ds = RegionDataset(source, bank, num_crops=2, input_size=8, calibration=CalibrationConfig(0.25, 0.5, 0.75))
+    assert ds.fallback_images == 2 and (ds.num_eligible == R).all()
+    assert (ds.categories[4] == CATEGORY_SOFT).all() and (ds.categories[2] == CATEGORY_HARD).all()
+    assert (ds.categories[[0, 1, 3, 5]] == CATEGORY_SOFT).all()   # 0.5 = T_M: the teacher label
+    _, target = ds[2]
+    assert torch.allclose(target['soft'].max(1).values, torch.full((2,), 0.9))
 
 
 def test_prob_shift_and_temperature_reach_the_crops(tmp_path, source):

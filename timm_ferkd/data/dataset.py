@@ -130,12 +130,13 @@ class RegionDataset(Dataset):
         categories: int8 [num_images, R] category of every region (``CATEGORY_*``), computed once from
             ``bank.all_max_probs()``; None without calibration (every region soft).
         num_eligible: int64 [num_images], non-discarded regions per image.
+        fallback_images: Images whose every region calibration would discard; they keep all their regions
+            (below T_L as hard, above T_T as soft), so no image leaves the epoch.
         label_transform: The composed per-crop label transform.
 
     Raises:
         BankMismatchError: The bank belongs to another dataset, split or class count.
-        ConfigError: ``num_crops < 1``, bad thresholds, or a calibration that discards every region
-            of an image.
+        ConfigError: ``num_crops < 1`` or bad thresholds.
     """
 
     def __init__(
@@ -189,26 +190,32 @@ class RegionDataset(Dataset):
             self.num_classes, calibration, max_probs, prob_shift=prob_shift, temperature=label_temperature)
         ferkd = self.label_transform.calibration
         regions = manifest.regions_per_image
+        self.fallback_images = 0
         if ferkd is None:
             self.categories: Optional[np.ndarray] = None
             self.num_eligible = np.full(self.num_images, regions, dtype=np.int64)
         else:
             self.categories = ferkd.categorize(max_probs)
             self.num_eligible = (self.categories != CATEGORY_DISCARD).sum(axis=1)
+            self._keep_fully_discarded_images(max_probs)
         del max_probs
-        self._check_eligible()
 
-    def _check_eligible(self) -> None:
+    def _keep_fully_discarded_images(self, max_probs: np.ndarray) -> None:
+        """An image whose every region calibration discards keeps them instead of leaving the epoch.
+
+        Such an image is easy everywhere (all regions above T_T: they keep the teacher's label) or hard
+        everywhere (all below T_L: they get the softened ground truth), so it still counts once per epoch.
+        """
         empty = np.flatnonzero(self.num_eligible == 0)
-        if empty.size:
-            i = int(empty[0])
-            name = _image_name(self.source, i)
-            where = f'image {i}' + (f' ({name})' if name else '')
-            t = self.label_transform.calibration.thresholds
-            raise ConfigError(
-                f'FerKD calibration discards every region of {where}'
-                + (f' and {empty.size - 1} other image(s)' if empty.size > 1 else '')
-                + f' (thresholds low={t.low:.4g}, top={t.top:.4g}); loosen them: lower low or raise top')
+        if not empty.size:
+            return
+        low = self.label_transform.calibration.thresholds.low
+        self.categories[empty] = np.where(max_probs[empty] < low, CATEGORY_HARD, CATEGORY_SOFT)
+        self.num_eligible[empty] = self.categories.shape[1]
+        self.fallback_images = int(empty.size)
+        _logger.info(f'FerKD calibration discards every region of {empty.size} image(s) (e.g. image {empty[0]}): '
+                     f'they keep their regions, those below T_L with the softened ground truth, those above T_T '
+                     f'with the teacher label')
 
     def __len__(self) -> int:
         return self.num_images
