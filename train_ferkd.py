@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from timm.data import create_dataset, create_loader, resolve_data_config, Mixup
+from timm.data import create_loader, resolve_data_config, Mixup
 from timm.models import create_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -47,6 +47,7 @@ from timm.utils import (
 
 from timm_ferkd.data.source import stats_for_chans
 from timm_ferkd.errors import ConfigError, FerKDError
+from timm_ferkd.registration import create_dataset  # timm's, plus --dataset ferkd-cluttered/...
 
 _logger = logging.getLogger('train_ferkd')
 

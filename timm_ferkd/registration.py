@@ -4,6 +4,10 @@ timm keeps registries for models and optimizers only; datasets and losses are ch
 inside ``timm.data.create_dataset`` and ``timm.loss.create_classification_loss``. After an explicit
 :func:`register_with_timm`:
 
+* ``create_dataset('ferkd-cluttered/fashion_mnist[:key=value,...]', root, split, ...)`` returns the
+  cluttered Fashion-MNIST of :mod:`timm_ferkd.data.cluttered` (its parameters in the name or as the
+  keyword arguments ``canvas``, ``scale``, ``fragments``, ``fragment_size``, ``clutter_seed``; timm's
+  ``seed`` and the iterable-only options are ignored, as by torchvision datasets);
 * ``create_dataset('ferkd/<timm name>', root, split, soft_labels=BANK, ...)`` returns a
   :class:`~timm_ferkd.data.dataset.RegionDataset` over ``create_dataset('<timm name>', ...)``
   (``'ferkd/'`` alone wraps an image folder; ``split`` defaults to 'train' as banks label training
@@ -19,7 +23,8 @@ errors); a name timm itself defines always stays timm's. The functions are impor
 several timm modules (``timm.data`` and ``timm.data.dataset_factory``; ``timm.loss``,
 ``timm.loss._loss_factory``, ``timm.task``, ``timm.task.classification``), so every loaded ``timm``
 module binding the original is patched. Registering twice is a no-op; :func:`unregister_from_timm`
-restores the originals.
+restores the originals. :func:`create_dataset` gives the same dispatch without patching anything
+(the package's own entry points use it, so the names work whether or not timm was patched).
 """
 import functools
 import inspect
@@ -29,10 +34,12 @@ from typing import Any, Callable, Dict, List, Tuple
 from timm_ferkd.errors import ConfigError
 
 __all__ = [
-    'FERKD_DATASET_PREFIX', 'FERKD_LOSS_TYPES', 'register_with_timm', 'unregister_from_timm', 'is_registered',
+    'FERKD_DATASET_PREFIX', 'FERKD_CLUTTERED_PREFIX', 'FERKD_LOSS_TYPES', 'create_dataset', 'register_with_timm',
+    'unregister_from_timm', 'is_registered',
 ]
 
 FERKD_DATASET_PREFIX = 'ferkd/'
+FERKD_CLUTTERED_PREFIX = 'ferkd-cluttered/'  # kept equal to timm_ferkd.data.cluttered.CLUTTERED_PREFIX
 # kept here, not imported from timm_ferkd.losses, so that registering costs no import of the losses
 FERKD_LOSS_TYPES: Tuple[str, ...] = ('soft_ce', 'ferkd', 'kd', 'dtd', 'fnkd')
 
@@ -58,9 +65,11 @@ def _wrap_create_dataset(original: Callable) -> Callable:
 
     @functools.wraps(original)
     def create_dataset(name, *args, **kwargs):
-        if not (isinstance(name, str) and name.lower().startswith(FERKD_DATASET_PREFIX)):
-            return original(name, *args, **kwargs)
-        return _create_ferkd_dataset(signature, name, args, kwargs)
+        if isinstance(name, str) and name.lower().startswith(FERKD_DATASET_PREFIX):
+            return _create_ferkd_dataset(signature, name, args, kwargs)
+        if isinstance(name, str) and name.lower().startswith(FERKD_CLUTTERED_PREFIX):
+            return _create_cluttered_dataset(signature, name, args, kwargs)
+        return original(name, *args, **kwargs)
 
     setattr(create_dataset, _MARK, original)
     return create_dataset
@@ -90,6 +99,24 @@ def _create_ferkd_dataset(signature: inspect.Signature, name: str, args: tuple, 
     if given.get('trust_remote_code') is False:
         given.pop('trust_remote_code')  # timm's default; not every inner dataset accepts it
     return create_region_dataset(inner, **given, **extra)
+
+
+def _create_cluttered_dataset(signature: inspect.Signature, name: str, args: tuple, kwargs: dict):
+    from timm_ferkd.data.cluttered import create_cluttered_dataset
+    try:
+        bound = signature.bind(name, *args, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f'dataset {name!r}: {e}') from None
+    given = {k: v for k, v in bound.arguments.items() if k not in ('name', 'kwargs')}
+    extra = dict(bound.arguments.get('kwargs', {}))
+    if given.get('load_bytes'):
+        raise ConfigError(f'dataset {name!r}: load_bytes is not supported, the images live in arrays')
+    if given.get('class_map'):
+        raise ConfigError(f'dataset {name!r}: class_map is not supported, the classes are Fashion-MNIST\'s ten')
+    mode = given.get('input_img_mode')
+    return create_cluttered_dataset(
+        name, root=given.get('root'), split=given.get('split', signature.parameters['split'].default),
+        download=bool(given.get('download', False)), image_mode='L' if mode is None else mode, **extra)
 
 
 def _wrap_create_classification_loss(original: Callable) -> Callable:
@@ -159,6 +186,24 @@ def _rebind(old: Callable, new: Callable) -> int:
                 setattr(module, attr, new)
                 count += 1
     return count
+
+
+def _dataset_wrapper() -> Callable:
+    import timm.data.dataset_factory
+    original = _original(timm.data.dataset_factory.create_dataset)
+    wrapper = _wrappers.get('create_dataset')
+    if wrapper is None or _original(wrapper) is not original:
+        wrapper = _wrappers['create_dataset'] = _wrap_create_dataset(original)
+    return wrapper
+
+
+def create_dataset(name: str, *args: Any, **kwargs: Any) -> Any:
+    """``timm.data.create_dataset`` that also knows this package's names, without patching timm.
+
+    Same arguments as timm's; ``ferkd-cluttered/...`` and ``ferkd/...`` names are handled here (see the
+    module docstring), every other name goes to timm unchanged.
+    """
+    return _dataset_wrapper()(name, *args, **kwargs)
 
 
 def register_with_timm() -> None:

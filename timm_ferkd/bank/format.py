@@ -78,7 +78,8 @@ class DatasetIdentity:
     """Which dataset a bank belongs to.
 
     ``fingerprint`` is the sha256 of the ordered sample list of the whole split: relative paths and
-    targets for folders, targets for torchvision datasets (``fingerprint_kind`` says which).
+    targets for folders, targets for torchvision datasets, generation parameters and targets for
+    generated ones such as cluttered Fashion-MNIST (``fingerprint_kind`` says which).
     """
     name: str
     split: str

@@ -50,6 +50,10 @@ def dataset_targets(dataset: Any) -> np.ndarray:
 def dataset_identity(dataset: Any, name: str, split: str) -> DatasetIdentity:
     """Identity of a dataset split: size and a fingerprint of its ordered sample list.
 
+    A generated dataset (e.g. cluttered Fashion-MNIST) exposes ``fingerprint_params``, a string of
+    the parameters that define its images besides the targets; it is hashed in first, so banks made
+    with other parameters do not match.
+
     Args:
         dataset: The dataset.
         name: Its timm name (``torch/fashion_mnist``, a folder name, ...).
@@ -61,7 +65,12 @@ def dataset_identity(dataset: Any, name: str, split: str) -> DatasetIdentity:
     targets = dataset_targets(dataset)
     paths = _sample_paths(dataset)
     digest = hashlib.sha256()
-    if paths is not None:
+    params = getattr(dataset, 'fingerprint_params', None)
+    if isinstance(params, str):
+        digest.update(f'{params}\n'.encode())
+        digest.update(targets.astype('<i8').tobytes())
+        kind = 'params+targets'
+    elif paths is not None:
         for path, target in zip(paths, targets.tolist()):
             digest.update(f'{path}\t{target}\n'.encode())
         kind = 'paths+targets'

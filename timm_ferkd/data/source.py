@@ -81,7 +81,8 @@ def create_image_source(
 
     Args:
         name: timm dataset name: '' or a folder reader for image folders, ``torch/NAME`` for torchvision
-            datasets, ``hfds/NAME`` for Hugging Face datasets.
+            datasets, ``hfds/NAME`` for Hugging Face datasets, ``ferkd-cluttered/fashion_mnist[:...]`` for
+            cluttered Fashion-MNIST (:mod:`timm_ferkd.data.cluttered`).
         root: Data directory (``--data-dir``).
         split: Split name (``train``, ``validation``, ...).
         image_mode: PIL mode of the decoded images.
@@ -91,7 +92,7 @@ def create_image_source(
     Returns:
         The source.
     """
-    from timm.data import create_dataset
+    from timm_ferkd.registration import create_dataset  # timm's, plus this package's dataset names
     if root is not None and not name.lower().startswith(('hfds/', 'hfids/')) and not os.path.exists(root):
         raise ConfigError(f'--data-dir {root} does not exist')
     try:
