@@ -9,7 +9,8 @@ import torch
 
 from timm_ferkd.bank.format import (
     EXPLICIT_SAMPLER, MANIFEST_NAME, SAFETENSORS_DTYPES, BankManifest, read_safetensors_header)
-from timm_ferkd.bank.labels import dense_targets
+from timm_ferkd.bank.codes import decode_values, packed_row_bytes, storage_of, unpack_indices
+from timm_ferkd.bank.labels import dense_targets, index_dtype
 from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, Regions, explicit_regions
 from timm_ferkd.bank.writer import sha256_file
 from timm_ferkd.errors import BankError
@@ -20,15 +21,18 @@ HF_HUB_PREFIX = 'hf-hub:'
 
 
 def _expected_shapes(manifest: BankManifest, num_images: int) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-    k = manifest.topk
+    k, r = manifest.topk, manifest.regions_per_image
+    storage = storage_of(manifest)
     shapes = {
         'image_sizes': ((num_images, 2), 'I32'),
         'targets': ((num_images,), 'I32'),
-        'topk_values': ((num_images, manifest.regions_per_image, k), 'F16'),
+        'topk_values': ((num_images, r, k), 'U8' if storage.value_dtype == 'uint8' else 'F16'),
     }
-    if manifest.label_type != 'full':
+    if storage.bits is not None:
+        shapes['topk_indices'] = ((num_images, packed_row_bytes(r, k, storage.bits)), 'U8')
+    elif manifest.label_type != 'full':
         dtype = {'uint8': 'U8', 'uint16': 'U16', 'int32': 'I32'}[manifest.index_dtype]
-        shapes['topk_indices'] = ((num_images, manifest.regions_per_image, k), dtype)
+        shapes['topk_indices'] = ((num_images, r, k), dtype)
     if manifest.sampler == EXPLICIT_SAMPLER:
         shapes['boxes'] = ((num_images, manifest.regions_per_image, 4), 'F32')
         shapes['flips'] = ((num_images, manifest.regions_per_image), 'U8')
@@ -97,6 +101,8 @@ class SoftLabelBank:
                 f'bank {self.path} lists {len(m.shards)} of its {m.num_shards} shards: it is incomplete; '
                 f'rerun the generate command that made it to finish it')
         self.sampler = RegionSampler(seed=m.seed, scale=m.scale, ratio=m.ratio, flip_prob=m.flip_prob)
+        self.storage = storage_of(m)
+        self._codes = self.storage.value_dtype == 'uint8'
         self._shards: Dict[int, _Shard] = {}
         self._pid = os.getpid()
         if validate:
@@ -158,19 +164,29 @@ class SoftLabelBank:
         values = shard.arrays['topk_values'][i]
         if self.manifest.label_type == 'full':
             return values.max(axis=1).astype(np.float32)
-        return values[:, 0].astype(np.float32)
+        return decode_values(values[:, :1])[:, 0] if self._codes else values[:, 0].astype(np.float32)
 
     def labels(
             self,
             image_index: int,
             region_ids: Optional[Sequence[int]] = None,
     ) -> Tuple[Optional[np.ndarray], np.ndarray]:
-        """Stored (indices [n, k] or None for 'full', values [n, k] float16) of some regions of an image."""
+        """(indices [n, k] or None for 'full', values [n, k]) of some regions of an image.
+
+        Format-1 banks return the stored arrays (float16 values, uint8/uint16/int32 indices);
+        8-bit banks their decoded float32 values and unpacked indices in ``index_dtype(C)``.
+        """
         shard, i = self._locate(image_index)
         ids = slice(None) if region_ids is None else np.asarray(region_ids, dtype=np.int64)
         values = np.array(shard.arrays['topk_values'][i, ids])
         indices = shard.arrays.get('topk_indices')
-        return (None if indices is None else np.array(indices[i, ids])), values
+        if not self._codes:
+            return (None if indices is None else np.array(indices[i, ids])), values
+        k = self.manifest.topk
+        rows = np.arange(self.manifest.regions_per_image)[ids]
+        positions = rows.reshape(-1, 1) * k + np.arange(k)
+        classes = unpack_indices(indices[i], positions, self.storage.bits).astype(index_dtype(self.num_classes))
+        return classes, decode_values(values)
 
     def regions(self, image_index: int, region_ids: Optional[Sequence[int]] = None) -> Regions:
         """Pixel boxes and flips of some regions of an image.
@@ -190,20 +206,67 @@ class SoftLabelBank:
     def dense_targets(self, image_index: int, region_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
         """float32 [n, C] soft labels of some regions of an image (see ``timm_ferkd.bank.labels``)."""
         indices, values = self.labels(image_index, region_ids)
-        return dense_targets(
-            None if indices is None else torch.from_numpy(indices.astype(np.int64)),
-            torch.from_numpy(values.astype(np.float32)),
-            self.manifest.num_classes,
-            self.manifest.label_type,
-        )
+        return dense_targets(indices, values, self.manifest.num_classes, self.manifest.label_type)
+
+    def regions_batch(self, image_indices: Sequence[int], region_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Boxes and flips of the regions of several images at once (what ``regions`` gives image by image).
+
+        One vectorised pass for a whole DataLoader batch: a per-image call costs mostly numpy's
+        per-operation overhead, not arithmetic.
+
+        Args:
+            image_indices: [m] images.
+            region_ids: [m, c] regions of each image.
+
+        Returns:
+            (int64 pixel boxes [m, c, 4] as (top, left, height, width), bool flips [m, c]).
+        """
+        images = np.asarray(image_indices, dtype=np.int64).reshape(-1)
+        ids = np.asarray(region_ids, dtype=np.int64).reshape(images.size, -1)
+        sizes = np.array([self.image_size(int(i)) for i in images], dtype=np.int64).reshape(-1, 2)
+        if self.manifest.sampler != EXPLICIT_SAMPLER:
+            return self.sampler.sample_batch(images, sizes, ids)
+        out = [self.regions(int(i), row) for i, row in zip(images, ids)]
+        return (np.stack([r.boxes for r in out]).reshape(images.size, ids.shape[1], 4),
+                np.stack([r.flips for r in out]).reshape(images.size, ids.shape[1]))
+
+    def dense_targets_batch(self, image_indices: Sequence[int], region_ids: np.ndarray) -> torch.Tensor:
+        """float32 [m, c, C] soft labels of the regions ``region_ids`` [m, c] of images ``image_indices`` [m]."""
+        images = np.asarray(image_indices, dtype=np.int64).reshape(-1)
+        ids = np.asarray(region_ids, dtype=np.int64).reshape(images.size, -1)
+        labels = [self.labels(int(i), row) for i, row in zip(images, ids)]
+        values = np.concatenate([v for _, v in labels]) if labels else np.zeros((0, self.manifest.topk))
+        indices = None if self.manifest.label_type == 'full' or not labels else np.concatenate([i for i, _ in labels])
+        dense = dense_targets(indices, values, self.manifest.num_classes, self.manifest.label_type)
+        return dense.reshape(images.size, ids.shape[1], self.manifest.num_classes)
 
     def all_max_probs(self) -> np.ndarray:
         """float32 [num_images, R]: max probability of every region (reads the value arrays once)."""
         out = []
         for s in range(self.manifest.num_shards):
             values = self._shard(s).arrays['topk_values']
-            out.append(values.max(axis=2) if self.manifest.label_type == 'full' else values[:, :, 0])
+            if self.manifest.label_type == 'full':
+                out.append(values.max(axis=2))
+            else:
+                out.append(decode_values(values[:, :, :1])[:, :, 0] if self._codes else values[:, :, 0])
         return np.concatenate(out).astype(np.float32)
+
+    def all_top_classes(self) -> np.ndarray:
+        """int64 [num_images, R]: the teacher's argmax class of every region."""
+        out = []
+        k = self.manifest.topk
+        for s in range(self.manifest.num_shards):
+            arrays = self._shard(s).arrays
+            if self.manifest.label_type == 'full':
+                out.append(np.asarray(arrays['topk_values']).argmax(axis=2))
+            elif self._codes:
+                positions = np.arange(self.manifest.regions_per_image) * k
+                rows = arrays['topk_indices']
+                out.append(unpack_indices(rows, np.broadcast_to(positions, (rows.shape[0], positions.size)),
+                                          self.storage.bits))
+            else:
+                out.append(np.asarray(arrays['topk_indices'][:, :, 0], dtype=np.int64))
+        return np.concatenate(out).astype(np.int64)
 
     def verify_checksums(self) -> None:
         """Recompute every shard's sha256 and compare it with the manifest; raise ``BankError`` on mismatch."""
