@@ -150,18 +150,15 @@ def unpack_indices(rows: np.ndarray, positions: np.ndarray, bits: int) -> np.nda
     """
     rows = np.asarray(rows)
     offsets = np.asarray(positions, dtype=np.int64) * bits
-    first = offsets >> 3
-    last = rows.shape[-1] - 1
-    # the bytes after a code's last byte only land above its mask, so clipping at the row's end is safe
-    word = np.zeros(offsets.shape, dtype=np.uint64)
-    for b in range((bits + 7 + 7) // 8):
-        byte = np.minimum(first + b, last)
-        got = rows[byte] if rows.ndim == 1 else np.take_along_axis(
-            rows, byte.reshape(rows.shape[0], -1), axis=1).reshape(byte.shape)
-        word |= got.astype(np.uint64) << np.uint64(8 * b)
-    word >>= (offsets & 7).astype(np.uint64)
-    word &= np.uint64((1 << bits) - 1)
-    return word.astype(np.int64)
+    width = 4 if bits <= 25 else 8  # bytes covering any code: its bits plus up to 7 bits of offset
+    # bytes past a row's end would only land above a code's mask, so clipping them to the last byte is safe
+    byte = np.minimum((offsets >> 3)[..., None] + np.arange(width), rows.shape[-1] - 1)
+    if rows.ndim == 1:
+        window = rows[byte]
+    else:
+        window = np.take_along_axis(rows, byte.reshape(rows.shape[0], -1), axis=1).reshape(byte.shape)
+    word = np.ascontiguousarray(window).view('<u4' if width == 4 else '<u8')[..., 0]
+    return ((word >> (offsets & 7).astype(word.dtype)) & ((1 << bits) - 1)).astype(np.int64)
 
 
 def label_tensors(indices: Optional[np.ndarray], values: np.ndarray, storage: LabelStorage) -> Dict[str, np.ndarray]:

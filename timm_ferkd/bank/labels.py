@@ -119,16 +119,18 @@ def dense_targets(
         raise ConfigError(f'unknown label type {label_type!r}; choose one of {", ".join(LABEL_TYPES)}')
     n, k = values.shape
     indices = np.asarray(indices, dtype=np.int64)
-    out = np.zeros((n, num_classes), dtype=np.float32)
     if label_type == 'hard':
+        out = np.zeros((n, num_classes), dtype=np.float32)
         indices, kept = indices[:, :1], np.ones((n, 1), dtype=np.float32)
     elif label_type == 'marginal_renorm' or num_classes == k:
+        out = np.zeros((n, num_classes), dtype=np.float32)
         kept = values / np.maximum(values.sum(axis=1, keepdims=True), np.float32(1e-12))
     else:
         # fp16 rounding can push sum(topk) a hair above 1: never spread negative mass
         kept = np.clip(values, 0, 1)
         kept /= np.maximum(kept.sum(axis=1, keepdims=True), np.float32(1))
-        out += (1 - kept.sum(axis=1, keepdims=True)) / np.float32(num_classes - k)
+        out = np.empty((n, num_classes), dtype=np.float32)
+        out[...] = (1 - kept.sum(axis=1, keepdims=True)) / np.float32(num_classes - k)
     # flat positions: one fancy-index store instead of put_along_axis's per-call index building
     out.reshape(-1)[indices + np.arange(0, n * num_classes, num_classes)[:, None]] = kept
     return torch.from_numpy(out)

@@ -1,6 +1,7 @@
 """Memory-mapped bank reader: one image's regions in O(1), safe in DataLoader workers."""
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -15,7 +16,7 @@ from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler
 from timm_ferkd.bank.writer import sha256_file
 from timm_ferkd.errors import BankError
 
-__all__ = ['SoftLabelBank', 'open_bank', 'HF_HUB_PREFIX']
+__all__ = ['SoftLabelBank', 'RegionBatch', 'open_bank', 'HF_HUB_PREFIX']
 
 HF_HUB_PREFIX = 'hf-hub:'
 
@@ -70,6 +71,24 @@ class _Shard:
                 raise BankError(f'shard {path}: tensor {name!r} has corrupt offsets; regenerate or re-download it')
             self.arrays[name] = np.frombuffer(
                 self._mapping, dtype=np_dtype, count=int(np.prod(shape)), offset=data_start + begin).reshape(shape)
+
+
+@dataclass(frozen=True)
+class RegionBatch:
+    """What ``SoftLabelBank.read_batch`` reads for m images and c regions each.
+
+    Attributes:
+        boxes: int64 [m, c, 4] pixel (top, left, height, width).
+        flips: bool [m, c].
+        image_sizes: int64 [m, 2] (height, width) recorded at generation.
+        targets: int64 [m] ground-truth classes recorded at generation.
+        soft: float32 [m, c, C] dense soft labels.
+    """
+    boxes: np.ndarray
+    flips: np.ndarray
+    image_sizes: np.ndarray
+    targets: np.ndarray
+    soft: torch.Tensor
 
 
 class SoftLabelBank:
@@ -208,37 +227,58 @@ class SoftLabelBank:
         indices, values = self.labels(image_index, region_ids)
         return dense_targets(indices, values, self.manifest.num_classes, self.manifest.label_type)
 
-    def regions_batch(self, image_indices: Sequence[int], region_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Boxes and flips of the regions of several images at once (what ``regions`` gives image by image).
+    def read_batch(self, image_indices: Sequence[int], region_ids: np.ndarray) -> 'RegionBatch':
+        """Everything a loader needs of the regions ``region_ids`` [m, c] of images ``image_indices`` [m].
 
-        One vectorised pass for a whole DataLoader batch: a per-image call costs mostly numpy's
-        per-operation overhead, not arithmetic.
+        The same boxes, flips and targets as ``regions`` and ``dense_targets`` image by image, in one
+        vectorised pass: for a few regions per image, numpy's per-operation cost, not the arithmetic,
+        is most of a one-image read, so a DataLoader batch is read at once.
 
         Args:
             image_indices: [m] images.
             region_ids: [m, c] regions of each image.
 
         Returns:
-            (int64 pixel boxes [m, c, 4] as (top, left, height, width), bool flips [m, c]).
+            The batch's boxes, flips, image sizes, classes and dense soft labels.
         """
+        m = self.manifest
         images = np.asarray(image_indices, dtype=np.int64).reshape(-1)
         ids = np.asarray(region_ids, dtype=np.int64).reshape(images.size, -1)
-        sizes = np.array([self.image_size(int(i)) for i in images], dtype=np.int64).reshape(-1, 2)
-        if self.manifest.sampler != EXPLICIT_SAMPLER:
-            return self.sampler.sample_batch(images, sizes, ids)
-        out = [self.regions(int(i), row) for i, row in zip(images, ids)]
-        return (np.stack([r.boxes for r in out]).reshape(images.size, ids.shape[1], 4),
-                np.stack([r.flips for r in out]).reshape(images.size, ids.shape[1]))
-
-    def dense_targets_batch(self, image_indices: Sequence[int], region_ids: np.ndarray) -> torch.Tensor:
-        """float32 [m, c, C] soft labels of the regions ``region_ids`` [m, c] of images ``image_indices`` [m]."""
-        images = np.asarray(image_indices, dtype=np.int64).reshape(-1)
-        ids = np.asarray(region_ids, dtype=np.int64).reshape(images.size, -1)
-        labels = [self.labels(int(i), row) for i, row in zip(images, ids)]
-        values = np.concatenate([v for _, v in labels]) if labels else np.zeros((0, self.manifest.topk))
-        indices = None if self.manifest.label_type == 'full' or not labels else np.concatenate([i for i, _ in labels])
-        dense = dense_targets(indices, values, self.manifest.num_classes, self.manifest.label_type)
-        return dense.reshape(images.size, ids.shape[1], self.manifest.num_classes)
+        c, k = ids.shape[1], m.topk
+        # per image only views (no copies, no fancy indexing): numpy's per-call cost is the price here
+        sizes, targets, values, indices = [], [], [], []
+        has_indices = m.label_type != 'full'
+        for image in images.tolist():
+            shard, i = self._locate(image)
+            arrays = shard.arrays
+            sizes.append(arrays['image_sizes'][i])
+            targets.append(arrays['targets'][i])
+            values.append(arrays['topk_values'][i])
+            if has_indices:
+                indices.append(arrays['topk_indices'][i])
+        sizes = np.array(sizes, dtype=np.int64).reshape(images.size, 2)
+        targets = np.array(targets, dtype=np.int64).reshape(images.size)
+        batch = np.arange(images.size)[:, None]
+        values = np.stack(values)[batch, ids] if images.size else np.zeros((0, c, k), dtype=np.float32)
+        if not has_indices or not images.size:
+            indices = np.zeros((images.size, c, k), dtype=np.int64) if has_indices else None
+        elif self._codes:
+            positions = ids[:, :, None] * k + np.arange(k)
+            indices = unpack_indices(np.stack(indices), positions.reshape(images.size, -1), self.storage.bits)
+        else:
+            indices = np.stack(indices)[batch, ids]
+        if self._codes:
+            values = decode_values(values)
+        if m.sampler != EXPLICIT_SAMPLER:
+            boxes, flips = self.sampler.sample_batch(images, sizes, ids)
+        else:
+            explicit = [self.regions(int(i), row) for i, row in zip(images, ids)]
+            boxes = np.stack([r.boxes for r in explicit]).reshape(images.size, c, 4)
+            flips = np.stack([r.flips for r in explicit]).reshape(images.size, c)
+        soft = dense_targets(None if indices is None else indices.reshape(-1, k), values.reshape(-1, k),
+                             m.num_classes, m.label_type)
+        return RegionBatch(boxes=boxes, flips=flips, image_sizes=sizes, targets=targets,
+                           soft=soft.reshape(images.size, c, m.num_classes))
 
     def all_max_probs(self) -> np.ndarray:
         """float32 [num_images, R]: max probability of every region (reads the value arrays once)."""
