@@ -195,7 +195,8 @@ def recovery_errors(indices: np.ndarray, values: np.ndarray, num_classes: int,
     from timm_ferkd.bank.labels import dense_targets
     idx = indices.reshape(-1, indices.shape[-1])
     val = values.reshape(-1, values.shape[-1])
-    stored = {'fp16 (format 1)': lambda v: v.astype(np.float16), 'uint8 (format 2)': lambda v: decode_values(encode_values(v))}
+    stored = {'fp16 (format 1)': lambda v: v.astype(np.float16),
+              'uint8 (format 2)': lambda v: decode_values(encode_values(v))}
     out = {}
     for name, store in stored.items():
         worst = mean_sum = top = 0.0

@@ -124,8 +124,9 @@ def test_format1_bank_reads_unchanged_and_corrupt_manifests(source, tmp_path):
     np.testing.assert_array_equal(val, raw['topk_values'][1, [4, 2]])
     np.testing.assert_array_equal(idx, raw['topk_indices'][1, [4, 2]])
     # 8-bit values claimed by a format-1 manifest, or a packed width that does not fit the classes: corrupt
-    for change in ({'value_dtype': 'uint8', 'index_dtype': 'packed4'}, {'value_dtype': 'uint8', 'index_dtype': 'packed9',
-                                                                         'format_version': 2}):
+    corrupt = [{'value_dtype': 'uint8', 'index_dtype': 'packed4'},
+               {'value_dtype': 'uint8', 'index_dtype': 'packed9', 'format_version': 2}]
+    for change in corrupt:
         (bank.path / 'manifest.json').write_text(json.dumps({**manifest, **change}))
         with pytest.raises(BankError, match='manifest is corrupt'):
             SoftLabelBank(bank.path)
