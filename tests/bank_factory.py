@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from timm_ferkd.bank.format import MANIFEST_NAME, BankManifest, TeacherInfo
-from timm_ferkd.bank.labels import index_dtype, quantize, stored_k
+from timm_ferkd.bank.codes import label_storage, label_tensors
+from timm_ferkd.bank.labels import stored_k, top_values
 from timm_ferkd.bank.reader import SoftLabelBank
 from timm_ferkd.bank.writer import atomic_write_bytes, write_shard
 from timm_ferkd.data.source import ImageSource, create_image_source
@@ -96,6 +97,7 @@ def write_bank(
         seed: int = 0,
         scale: Tuple[float, float] = (0.08, 1.0),
         ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+        value_dtype: str = 'float16',
 ) -> SoftLabelBank:
     """Write a bank for the first ``num_images`` images of ``source`` with chosen region labels.
 
@@ -112,6 +114,7 @@ def write_bank(
         seed: Region sampler seed.
         scale: Region scale range.
         ratio: Region aspect ratio range.
+        value_dtype: 'float16' (format 1) or 'uint8' (format 2: 8-bit values, packed indices).
 
     Returns:
         The opened bank.
@@ -121,13 +124,14 @@ def write_bank(
     n = len(source) if num_images is None else num_images
     k = stored_k(label_type, topk, num_classes)
     chans = 1 if source.image_mode == 'L' else 3
+    storage = label_storage(num_classes, label_type, value_dtype)
     manifest = BankManifest(
         num_classes=num_classes, regions_per_image=regions, topk=k, label_type=label_type, temperature=1.0,
         num_images=n, images_per_shard=images_per_shard, seed=seed, scale=tuple(scale), ratio=tuple(ratio),
         teacher=TeacherInfo(model='synthetic', input_size=(chans, 16, 16), interpolation='bilinear',
                             mean=(0.5,) * chans, std=(0.5,) * chans),
         dataset=source.identity,
-        index_dtype=None if label_type == 'full' else index_dtype(num_classes).name,
+        index_dtype=storage.index_dtype, value_dtype=storage.value_dtype, format_version=storage.format_version,
     )
     records = []
     for s in range(manifest.num_shards):
@@ -139,14 +143,13 @@ def write_bank(
             targets.append(target)
             dists.append(probs(i) if callable(probs) else probs[i])
         dense = torch.from_numpy(np.asarray(dists, dtype=np.float32).reshape(count * regions, num_classes))
-        indices, values = quantize(dense, label_type, k)
+        indices, values = top_values(dense, label_type, k)
         tensors = {
             'image_sizes': np.asarray(sizes, dtype=np.int32),
             'targets': np.asarray(targets, dtype=np.int32),
-            'topk_values': values.reshape(count, regions, k),
         }
-        if indices is not None:
-            tensors['topk_indices'] = indices.reshape(count, regions, k)
+        tensors.update(label_tensors(None if indices is None else indices.reshape(count, regions, k),
+                                     values.reshape(count, regions, k), storage))
         records.append(write_shard(path, s, first, tensors))
     manifest.shards = records
     atomic_write_bytes(path / MANIFEST_NAME, manifest.to_json().encode())

@@ -32,8 +32,9 @@ def test_train_throughput():
 def test_label_read():
     out = run_benchmark('label_read.py')
     assert 'B/region' in out and 'ratio vs FKD fp16' in out
-    assert 'us/read' in out and 'speedup vs torch.load' in out
-    assert 'size goal: ours <= 23 B/region' in out and 'speed goal: labels() >= 20x' in out
+    assert 'us/image' in out and 'speedup vs torch.load' in out and 'format 2: read_batch' in out
+    assert 'format 1 <= 23 B/region' in out and 'format 2 <= 12 B/region' in out
+    assert "speed goal: the loader's read (read_batch) >= 20x" in out and 'recovery error' in out
 
 
 def test_generation_throughput():

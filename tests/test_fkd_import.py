@@ -206,6 +206,20 @@ def test_import_every_value(image_folder, tmp_path, label_type, fp16):
                                    atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize('label_type', ['marginal_smoothing_k5', 'hard'])
+def test_import_uint8_matches_fp16_import(image_folder, tmp_path, label_type):
+    src = tmp_path / 'fkd'
+    write_label_folder(src, image_folder, label_type, fp16=False)
+    run_import(src, image_folder, tmp_path / 'fp16', label_type)
+    run_import(src, image_folder, tmp_path / 'u8', label_type, value_dtype='uint8')
+    fp16, u8 = SoftLabelBank(tmp_path / 'fp16'), SoftLabelBank(tmp_path / 'u8', validate=True)
+    assert (u8.manifest.format_version, u8.manifest.value_dtype) == (2, 'uint8')
+    for i in range(len(IMAGES)):
+        np.testing.assert_array_equal(u8.regions(i).boxes, fp16.regions(i).boxes)
+        np.testing.assert_array_equal(u8.labels(i)[0], fp16.labels(i)[0])
+        assert np.abs(u8.labels(i)[1] - fp16.labels(i)[1].astype(np.float32)).max() <= 1 / 510 + 5e-4
+
+
 def test_replayed_pixels_match_fkd(image_folder, tmp_path):
     """Crops cut from the imported boxes are the pixels FKD's RandomResizedCrop_FKD + flip produce."""
     from torchvision.transforms import InterpolationMode

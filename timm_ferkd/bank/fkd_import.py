@@ -22,8 +22,9 @@ execute whatever the pickle says. Here they are loaded with ``weights_only=True`
 of exactly the numpy globals such files need; anything else is refused before it can run.
 
 The bank keeps the stored boxes (``sampler = 'explicit'``, shard tensors ``boxes`` and ``flips``):
-the seeded sampler cannot reproduce FKD's random boxes. Values are stored as float16 like every
-bank; ``hard`` labels keep no probability, so their stored value is 1.
+the seeded sampler cannot reproduce FKD's random boxes. Values are stored as float16, or with
+``value_dtype='uint8'`` as 8-bit codes with bit-packed indices (``timm_ferkd.bank.codes``); ``hard``
+labels keep no probability, so their stored value is 1.
 """
 import json
 import logging
@@ -40,7 +41,7 @@ import numpy as np
 
 from timm_ferkd.bank.format import (
     EXPLICIT_SAMPLER, MANIFEST_NAME, BankManifest, TeacherInfo)
-from timm_ferkd.bank.labels import index_dtype
+from timm_ferkd.bank.codes import label_storage, label_tensors
 from timm_ferkd.bank.writer import atomic_write_bytes, finished_shards, write_shard
 from timm_ferkd.errors import BankError, ConfigError, FerKDError
 
@@ -247,6 +248,7 @@ class FKDImportConfig:
     scale: Tuple[float, float] = (0.08, 0.936)
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
     images_per_shard: int = 1000
+    value_dtype: str = 'float16'
     workers: int = 4
     fill_missing: bool = False
     progress: bool = True
@@ -356,7 +358,8 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     """
     from timm_ferkd.bank.identity import dataset_targets
     from timm_ferkd.data.source import create_image_source
-    parse_fkd_label_type(cfg.label_type)
+    label_type, _ = parse_fkd_label_type(cfg.label_type)
+    label_storage(2, label_type, cfg.value_dtype)  # refuses an unknown --value-dtype before any work
     if cfg.images_per_shard < 1 or cfg.workers < 0 or (cfg.regions is not None and cfg.regions < 1):
         raise ConfigError('--images-per-shard and --regions must be >= 1, --workers >= 0')
     root = _label_root(Path(cfg.src), cfg.split)
@@ -398,12 +401,13 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     k = convert_fkd_labels(quantized, cfg.label_type, first)[0].shape[1]
     if k > num_classes:
         raise ConfigError(f'the labels keep {k} classes but the dataset has {num_classes}; pass --num-classes')
+    storage = label_storage(num_classes, label_type, cfg.value_dtype)
     manifest = BankManifest(
         num_classes=num_classes, regions_per_image=regions, topk=k, label_type=label_type,
         temperature=cfg.temperature, num_images=len(rel_paths), images_per_shard=cfg.images_per_shard, seed=0,
         scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), teacher=TeacherInfo(model=cfg.teacher),
         dataset=source.identity, sampler=EXPLICIT_SAMPLER, sampler_version=1,
-        index_dtype=index_dtype(num_classes).name,
+        index_dtype=storage.index_dtype, value_dtype=storage.value_dtype, format_version=storage.format_version,
     )
     out = Path(cfg.output)
     settings = dict(manifest.settings(), fkd_source=str(root.resolve()), fkd_label_type=cfg.label_type,
@@ -481,7 +485,8 @@ def _write_shards(items: _Items, manifest: BankManifest, todo: List[int], out: P
         if progress is not None:
             progress.update(1)
         if row == count - 1:
-            arrays['topk_indices'] = arrays['topk_indices'].astype(index_dtype(manifest.num_classes))
+            storage = label_storage(manifest.num_classes, manifest.label_type, manifest.value_dtype)
+            arrays.update(label_tensors(arrays['topk_indices'], arrays['topk_values'], storage))
             write_shard(out, shard, first, arrays, metadata={
                 'format': 'timm-ferkd-bank-shard', 'first_image': str(first), 'num_images': str(count),
                 'source': 'fkd-import', 'fkd_label_type': cfg.label_type})
@@ -506,7 +511,7 @@ def _empty_shard(n: int, r: int, k: int) -> Dict[str, np.ndarray]:
     return {
         'image_sizes': np.zeros((n, 2), dtype=np.int32),
         'targets': np.zeros((n,), dtype=np.int32),
-        'topk_values': np.zeros((n, r, k), dtype=np.float16),
+        'topk_values': np.zeros((n, r, k), dtype=np.float32),
         'topk_indices': np.zeros((n, r, k), dtype=np.int64),
         'boxes': np.zeros((n, r, 4), dtype=np.float32),
         'flips': np.zeros((n, r), dtype=np.uint8),

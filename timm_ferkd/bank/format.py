@@ -10,8 +10,9 @@ Each shard holds, for its images (n) and the bank's regions per image (R) and st
 
     image_sizes   int32  [n, 2]     decoded (height, width): the sampler re-derives boxes from it
     targets       int32  [n]        ground-truth class of each image
-    topk_values   float16[n, R, k]  teacher probabilities, sorted descending
-    topk_indices  uint8/uint16/int32 [n, R, k]  their classes (absent for label type 'full')
+    topk_values   float16[n, R, k]  teacher probabilities, sorted descending (uint8 codes in format 2)
+    topk_indices  uint8/uint16/int32 [n, R, k]  their classes (absent for label type 'full');
+                  format 2: uint8 [n, bytes] bit-packed rows (``timm_ferkd.bank.codes``)
     boxes         float32 [n, R, 4] normalised (top, left, height, width)   only if sampler == 'explicit'
     flips         uint8   [n, R]                                           only if sampler == 'explicit'
 
@@ -35,7 +36,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = 'timm-ferkd-bank'
-FORMAT_VERSION = 1
+# the newest version this release reads; a bank records the lowest version its storage needs
+# (``timm_ferkd.bank.codes.label_storage``): 1 for fp16 values, 2 for 8-bit values
+FORMAT_VERSION = 2
 MANIFEST_NAME = 'manifest.json'
 # sampler name of banks whose shards store each region's box (imported FKD labels)
 EXPLICIT_SAMPLER = 'explicit'
@@ -115,7 +118,7 @@ class BankManifest:
     value_dtype: str = 'float16'
     shards: List[ShardRecord] = field(default_factory=list)
     format: str = FORMAT_NAME
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
     package_version: str = __version__
     created: str = ''
 

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from timm_ferkd.bank.format import (
     MANIFEST_NAME, BankManifest, ShardRecord, TeacherInfo)
-from timm_ferkd.bank.labels import LABEL_TYPES, index_dtype, quantize, stored_k
+from timm_ferkd.bank.codes import label_storage, label_tensors
+from timm_ferkd.bank.labels import LABEL_TYPES, stored_k, top_values
 from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, check_region_params, replay_region
 from timm_ferkd.bank.writer import atomic_write_bytes, finished_shards, sha256_file, write_shard
 from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans, stats_for_chans
@@ -59,6 +60,7 @@ class GenerateConfig:
     ``batch_size`` counts crops per teacher forward; ``images_per_shard`` sets the unit of work and resume.
     ``fnkd_tau`` stores FNKD's feature-normalised teacher distribution ``softmax(tau * z / ||f||)`` (f the
     teacher's pooled pre-logit feature) instead of ``softmax(z / temperature)``.
+    ``value_dtype`` 'uint8' stores 8-bit values and bit-packed indices (format 2, ``timm_ferkd.bank.codes``).
     """
     model: str
     output: str
@@ -75,6 +77,7 @@ class GenerateConfig:
     label_type: str = 'marginal_smoothing'
     temperature: float = 1.0
     fnkd_tau: Optional[float] = None
+    value_dtype: str = 'float16'
     scale: Tuple[float, float] = (0.08, 1.0)
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
     input_size: Optional[Tuple[int, int, int]] = None
@@ -98,6 +101,7 @@ class GenerateConfig:
         check_region_params(self.scale, self.ratio, self.regions)
         if self.label_type not in LABEL_TYPES:
             raise ConfigError(f'unknown --label-type {self.label_type!r}; choose one of {", ".join(LABEL_TYPES)}')
+        label_storage(2, self.label_type, self.value_dtype)  # refuses unknown dtypes and uint8 'full' labels
         if self.temperature <= 0:
             raise ConfigError(f'--temperature {self.temperature} must be > 0')
         if self.fnkd_tau is not None and self.fnkd_tau <= 0:
@@ -252,6 +256,7 @@ def generate_bank(cfg: GenerateConfig) -> Path:
     if cfg.num_classes is not None and num_classes != cfg.num_classes:
         raise ConfigError(f'teacher has {num_classes} classes but --num-classes is {cfg.num_classes}')
     k = stored_k(cfg.label_type, cfg.topk, num_classes)
+    storage = label_storage(num_classes, cfg.label_type, cfg.value_dtype)
     teacher = _teacher_info(cfg, model)
     identity = source.identity
     num_images = min(cfg.num_images or identity.num_images, identity.num_images)
@@ -261,7 +266,7 @@ def generate_bank(cfg: GenerateConfig) -> Path:
         images_per_shard=cfg.images_per_shard,
         seed=cfg.seed, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), teacher=teacher, dataset=identity,
         sampler=SAMPLER_NAME, sampler_version=SAMPLER_VERSION,
-        index_dtype=None if cfg.label_type == 'full' else index_dtype(num_classes).name,
+        index_dtype=storage.index_dtype, value_dtype=storage.value_dtype, format_version=storage.format_version,
     )
     out = Path(cfg.output)
     _check_output(out, manifest)
@@ -377,13 +382,13 @@ def _label_shards(cfg, manifest, source, model, teacher: TeacherInfo, device, ou
 
 def _write(out: Path, manifest: BankManifest, shard_index: int, first: int, meta, probs: torch.Tensor,
            label_type: str) -> ShardRecord:
-    n, r = len(meta), manifest.regions_per_image
-    indices, values = quantize(probs, label_type, manifest.topk)
+    n, r, k = len(meta), manifest.regions_per_image, manifest.topk
+    indices, values = top_values(probs, label_type, k)
     tensors = {
         'image_sizes': np.asarray([[m[2], m[3]] for m in meta], dtype=np.int32),
         'targets': np.asarray([m[1] for m in meta], dtype=np.int32),
-        'topk_values': values.reshape(n, r, manifest.topk),
     }
-    if indices is not None:
-        tensors['topk_indices'] = indices.reshape(n, r, manifest.topk)
+    storage = label_storage(manifest.num_classes, label_type, manifest.value_dtype)
+    tensors.update(label_tensors(None if indices is None else indices.reshape(n, r, k), values.reshape(n, r, k),
+                                 storage))
     return write_shard(out, shard_index, first, tensors)

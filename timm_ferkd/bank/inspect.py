@@ -23,16 +23,10 @@ def summarize_bank(bank: SoftLabelBank, bins: int = 20) -> Dict[str, Any]:
     m = bank.manifest
     max_probs = bank.all_max_probs()
     counts, edges = np.histogram(max_probs, bins=bins, range=(0.0, 1.0))
-    correct = total = 0
-    for s, record in enumerate(m.shards):
-        arrays = bank._shard(s).arrays
-        targets = np.asarray(arrays['targets'], dtype=np.int64)[:, None]
-        if m.label_type == 'full':
-            argmax = np.asarray(arrays['topk_values']).argmax(axis=2)
-        else:
-            argmax = np.asarray(arrays['topk_indices'][:, :, 0], dtype=np.int64)
-        correct += int((argmax == targets).sum())
-        total += argmax.size
+    argmax = bank.all_top_classes()
+    targets = np.concatenate([np.asarray(bank._shard(s).arrays['targets'], dtype=np.int64)
+                              for s in range(len(m.shards))])
+    correct, total = int((argmax == targets[:, None]).sum()), argmax.size
     regions = m.num_images * m.regions_per_image
     size = bank.bytes_on_disk()
     return {
@@ -43,6 +37,8 @@ def summarize_bank(bank: SoftLabelBank, bins: int = 20) -> Dict[str, Any]:
         'topk': m.topk,
         'num_classes': m.num_classes,
         'label_type': m.label_type,
+        'value_dtype': m.value_dtype,
+        'index_dtype': m.index_dtype,
         'temperature': m.temperature,
         'seed': m.seed,
         'scale': list(m.scale),

@@ -15,14 +15,14 @@ hard                  1         one-hot at the argmax (its probability is kept f
 full                  C         the whole distribution, indices implicit (0..C-1)
 ===================== ========= ======================================================
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from timm_ferkd.errors import ConfigError
 
-__all__ = ['LABEL_TYPES', 'stored_k', 'index_dtype', 'quantize', 'dense_targets']
+__all__ = ['LABEL_TYPES', 'stored_k', 'index_dtype', 'top_values', 'quantize', 'dense_targets']
 
 LABEL_TYPES = ('marginal_smoothing', 'marginal_renorm', 'smoothing', 'hard', 'full')
 
@@ -58,8 +58,25 @@ def index_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int32)
 
 
+def top_values(probs: torch.Tensor, label_type: str, k: int) -> Tuple[Optional[np.ndarray], np.ndarray]:
+    """The top-k classes and float32 probabilities of teacher distributions (what a bank stores, before its dtypes).
+
+    Args:
+        probs: [N, C] teacher probabilities.
+        label_type: One of ``LABEL_TYPES``.
+        k: Stored k (``stored_k``).
+
+    Returns:
+        (int64 indices [N, k] or None for 'full', float32 values [N, k] sorted descending; all C for 'full').
+    """
+    if label_type == 'full':
+        return None, probs.float().cpu().numpy()
+    values, indices = torch.topk(probs.float(), k, dim=1, largest=True, sorted=True)
+    return indices.cpu().numpy(), values.cpu().numpy()
+
+
 def quantize(probs: torch.Tensor, label_type: str, k: int) -> Tuple[Optional[np.ndarray], np.ndarray]:
-    """Turn teacher probabilities into what a shard stores.
+    """Turn teacher probabilities into what a format-1 (fp16) shard stores.
 
     Args:
         probs: [N, C] teacher probabilities.
@@ -69,20 +86,22 @@ def quantize(probs: torch.Tensor, label_type: str, k: int) -> Tuple[Optional[np.
     Returns:
         (indices [N, k] in ``index_dtype(C)`` or None for 'full', values [N, k] float16 sorted descending).
     """
-    num_classes = probs.shape[1]
-    if label_type == 'full':
-        return None, probs.float().cpu().numpy().astype(np.float16)
-    values, indices = torch.topk(probs.float(), k, dim=1, largest=True, sorted=True)
-    return indices.cpu().numpy().astype(index_dtype(num_classes)), values.cpu().numpy().astype(np.float16)
+    indices, values = top_values(probs, label_type, k)
+    if indices is not None:
+        indices = indices.astype(index_dtype(probs.shape[1]))
+    return indices, values.astype(np.float16)
 
 
 def dense_targets(
-        indices: Optional[torch.Tensor],
-        values: torch.Tensor,
+        indices: Optional[Union[np.ndarray, torch.Tensor]],
+        values: Union[np.ndarray, torch.Tensor],
         num_classes: int,
         label_type: str,
 ) -> torch.Tensor:
     """Recover dense C-dim targets from stored top-k labels.
+
+    Computed with numpy: a loader recovers a few regions per call, where torch's per-operation
+    cost would be most of the read.
 
     Args:
         indices: [N, k] class indices (None for 'full').
@@ -93,23 +112,25 @@ def dense_targets(
     Returns:
         float32 [N, C] targets; each row sums to 1.
     """
-    values = values.float()
+    values = np.asarray(values, dtype=np.float32)
     if label_type == 'full':
-        return values / values.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.from_numpy(values / np.maximum(values.sum(axis=1, keepdims=True), np.float32(1e-12)))
+    if label_type not in LABEL_TYPES:
+        raise ConfigError(f'unknown label type {label_type!r}; choose one of {", ".join(LABEL_TYPES)}')
     n, k = values.shape
-    indices = indices.long()
+    indices = np.asarray(indices, dtype=np.int64)
     if label_type == 'hard':
-        return torch.zeros(n, num_classes).scatter_(1, indices[:, :1], 1.0)
-    if label_type == 'marginal_renorm':
-        kept = values / values.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        return torch.zeros(n, num_classes).scatter_(1, indices, kept)
-    if label_type in ('marginal_smoothing', 'smoothing'):
-        rest = num_classes - k
-        if rest == 0:
-            return torch.zeros(n, num_classes).scatter_(1, indices, values / values.sum(dim=1, keepdim=True))
+        out = np.zeros((n, num_classes), dtype=np.float32)
+        indices, kept = indices[:, :1], np.ones((n, 1), dtype=np.float32)
+    elif label_type == 'marginal_renorm' or num_classes == k:
+        out = np.zeros((n, num_classes), dtype=np.float32)
+        kept = values / np.maximum(values.sum(axis=1, keepdims=True), np.float32(1e-12))
+    else:
         # fp16 rounding can push sum(topk) a hair above 1: never spread negative mass
-        kept = values.clamp(0, 1)
-        kept = kept / kept.sum(dim=1, keepdim=True).clamp_min(1.0)
-        spread = (1.0 - kept.sum(dim=1, keepdim=True)) / rest
-        return spread.expand(n, num_classes).clone().scatter_(1, indices, kept)
-    raise ConfigError(f'unknown label type {label_type!r}; choose one of {", ".join(LABEL_TYPES)}')
+        kept = np.clip(values, 0, 1)
+        kept /= np.maximum(kept.sum(axis=1, keepdims=True), np.float32(1))
+        out = np.empty((n, num_classes), dtype=np.float32)
+        out[...] = (1 - kept.sum(axis=1, keepdims=True)) / np.float32(num_classes - k)
+    # flat positions: one fancy-index store instead of put_along_axis's per-call index building
+    out.reshape(-1)[indices + np.arange(0, n * num_classes, num_classes)[:, None]] = kept
+    return torch.from_numpy(out)

@@ -1,6 +1,7 @@
 """Memory-mapped bank reader: one image's regions in O(1), safe in DataLoader workers."""
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -9,26 +10,30 @@ import torch
 
 from timm_ferkd.bank.format import (
     EXPLICIT_SAMPLER, MANIFEST_NAME, SAFETENSORS_DTYPES, BankManifest, read_safetensors_header)
-from timm_ferkd.bank.labels import dense_targets
+from timm_ferkd.bank.codes import decode_values, packed_row_bytes, storage_of, unpack_indices
+from timm_ferkd.bank.labels import dense_targets, index_dtype
 from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, Regions, explicit_regions
 from timm_ferkd.bank.writer import sha256_file
 from timm_ferkd.errors import BankError
 
-__all__ = ['SoftLabelBank', 'open_bank', 'HF_HUB_PREFIX']
+__all__ = ['SoftLabelBank', 'RegionBatch', 'open_bank', 'HF_HUB_PREFIX']
 
 HF_HUB_PREFIX = 'hf-hub:'
 
 
 def _expected_shapes(manifest: BankManifest, num_images: int) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-    k = manifest.topk
+    k, r = manifest.topk, manifest.regions_per_image
+    storage = storage_of(manifest)
     shapes = {
         'image_sizes': ((num_images, 2), 'I32'),
         'targets': ((num_images,), 'I32'),
-        'topk_values': ((num_images, manifest.regions_per_image, k), 'F16'),
+        'topk_values': ((num_images, r, k), 'U8' if storage.value_dtype == 'uint8' else 'F16'),
     }
-    if manifest.label_type != 'full':
+    if storage.bits is not None:
+        shapes['topk_indices'] = ((num_images, packed_row_bytes(r, k, storage.bits)), 'U8')
+    elif manifest.label_type != 'full':
         dtype = {'uint8': 'U8', 'uint16': 'U16', 'int32': 'I32'}[manifest.index_dtype]
-        shapes['topk_indices'] = ((num_images, manifest.regions_per_image, k), dtype)
+        shapes['topk_indices'] = ((num_images, r, k), dtype)
     if manifest.sampler == EXPLICIT_SAMPLER:
         shapes['boxes'] = ((num_images, manifest.regions_per_image, 4), 'F32')
         shapes['flips'] = ((num_images, manifest.regions_per_image), 'U8')
@@ -68,6 +73,24 @@ class _Shard:
                 self._mapping, dtype=np_dtype, count=int(np.prod(shape)), offset=data_start + begin).reshape(shape)
 
 
+@dataclass(frozen=True)
+class RegionBatch:
+    """What ``SoftLabelBank.read_batch`` reads for m images and c regions each.
+
+    Attributes:
+        boxes: int64 [m, c, 4] pixel (top, left, height, width).
+        flips: bool [m, c].
+        image_sizes: int64 [m, 2] (height, width) recorded at generation.
+        targets: int64 [m] ground-truth classes recorded at generation.
+        soft: float32 [m, c, C] dense soft labels.
+    """
+    boxes: np.ndarray
+    flips: np.ndarray
+    image_sizes: np.ndarray
+    targets: np.ndarray
+    soft: torch.Tensor
+
+
 class SoftLabelBank:
     """Read access to a soft-label bank directory.
 
@@ -97,6 +120,8 @@ class SoftLabelBank:
                 f'bank {self.path} lists {len(m.shards)} of its {m.num_shards} shards: it is incomplete; '
                 f'rerun the generate command that made it to finish it')
         self.sampler = RegionSampler(seed=m.seed, scale=m.scale, ratio=m.ratio, flip_prob=m.flip_prob)
+        self.storage = storage_of(m)
+        self._codes = self.storage.value_dtype == 'uint8'
         self._shards: Dict[int, _Shard] = {}
         self._pid = os.getpid()
         if validate:
@@ -158,19 +183,29 @@ class SoftLabelBank:
         values = shard.arrays['topk_values'][i]
         if self.manifest.label_type == 'full':
             return values.max(axis=1).astype(np.float32)
-        return values[:, 0].astype(np.float32)
+        return decode_values(values[:, :1])[:, 0] if self._codes else values[:, 0].astype(np.float32)
 
     def labels(
             self,
             image_index: int,
             region_ids: Optional[Sequence[int]] = None,
     ) -> Tuple[Optional[np.ndarray], np.ndarray]:
-        """Stored (indices [n, k] or None for 'full', values [n, k] float16) of some regions of an image."""
+        """(indices [n, k] or None for 'full', values [n, k]) of some regions of an image.
+
+        Format-1 banks return the stored arrays (float16 values, uint8/uint16/int32 indices);
+        8-bit banks their decoded float32 values and unpacked indices in ``index_dtype(C)``.
+        """
         shard, i = self._locate(image_index)
         ids = slice(None) if region_ids is None else np.asarray(region_ids, dtype=np.int64)
         values = np.array(shard.arrays['topk_values'][i, ids])
         indices = shard.arrays.get('topk_indices')
-        return (None if indices is None else np.array(indices[i, ids])), values
+        if not self._codes:
+            return (None if indices is None else np.array(indices[i, ids])), values
+        k = self.manifest.topk
+        rows = np.arange(self.manifest.regions_per_image)[ids]
+        positions = rows.reshape(-1, 1) * k + np.arange(k)
+        classes = unpack_indices(indices[i], positions, self.storage.bits).astype(index_dtype(self.num_classes))
+        return classes, decode_values(values)
 
     def regions(self, image_index: int, region_ids: Optional[Sequence[int]] = None) -> Regions:
         """Pixel boxes and flips of some regions of an image.
@@ -190,20 +225,88 @@ class SoftLabelBank:
     def dense_targets(self, image_index: int, region_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
         """float32 [n, C] soft labels of some regions of an image (see ``timm_ferkd.bank.labels``)."""
         indices, values = self.labels(image_index, region_ids)
-        return dense_targets(
-            None if indices is None else torch.from_numpy(indices.astype(np.int64)),
-            torch.from_numpy(values.astype(np.float32)),
-            self.manifest.num_classes,
-            self.manifest.label_type,
-        )
+        return dense_targets(indices, values, self.manifest.num_classes, self.manifest.label_type)
+
+    def read_batch(self, image_indices: Sequence[int], region_ids: np.ndarray) -> 'RegionBatch':
+        """Everything a loader needs of the regions ``region_ids`` [m, c] of images ``image_indices`` [m].
+
+        The same boxes, flips and targets as ``regions`` and ``dense_targets`` image by image, in one
+        vectorised pass: for a few regions per image, numpy's per-operation cost, not the arithmetic,
+        is most of a one-image read, so a DataLoader batch is read at once.
+
+        Args:
+            image_indices: [m] images.
+            region_ids: [m, c] regions of each image.
+
+        Returns:
+            The batch's boxes, flips, image sizes, classes and dense soft labels.
+        """
+        m = self.manifest
+        images = np.asarray(image_indices, dtype=np.int64).reshape(-1)
+        ids = np.asarray(region_ids, dtype=np.int64).reshape(images.size, -1)
+        c, k = ids.shape[1], m.topk
+        # per image only views (no copies, no fancy indexing): numpy's per-call cost is the price here
+        sizes, targets, values, indices = [], [], [], []
+        has_indices = m.label_type != 'full'
+        for image in images.tolist():
+            shard, i = self._locate(image)
+            arrays = shard.arrays
+            sizes.append(arrays['image_sizes'][i])
+            targets.append(arrays['targets'][i])
+            values.append(arrays['topk_values'][i])
+            if has_indices:
+                indices.append(arrays['topk_indices'][i])
+        sizes = np.array(sizes, dtype=np.int64).reshape(images.size, 2)
+        targets = np.array(targets, dtype=np.int64).reshape(images.size)
+        batch = np.arange(images.size)[:, None]
+        values = np.stack(values)[batch, ids] if images.size else np.zeros((0, c, k), dtype=np.float32)
+        if not has_indices or not images.size:
+            indices = np.zeros((images.size, c, k), dtype=np.int64) if has_indices else None
+        elif self._codes:
+            positions = ids[:, :, None] * k + np.arange(k)
+            indices = unpack_indices(np.stack(indices), positions.reshape(images.size, -1), self.storage.bits)
+        else:
+            indices = np.stack(indices)[batch, ids]
+        if self._codes:
+            values = decode_values(values)
+        if m.sampler != EXPLICIT_SAMPLER:
+            boxes, flips = self.sampler.sample_batch(images, sizes, ids)
+        else:
+            explicit = [self.regions(int(i), row) for i, row in zip(images, ids)]
+            boxes = np.stack([r.boxes for r in explicit]).reshape(images.size, c, 4)
+            flips = np.stack([r.flips for r in explicit]).reshape(images.size, c)
+        soft = dense_targets(None if indices is None else indices.reshape(-1, k), values.reshape(-1, k),
+                             m.num_classes, m.label_type)
+        return RegionBatch(boxes=boxes, flips=flips, image_sizes=sizes, targets=targets,
+                           soft=soft.reshape(images.size, c, m.num_classes))
 
     def all_max_probs(self) -> np.ndarray:
         """float32 [num_images, R]: max probability of every region (reads the value arrays once)."""
         out = []
         for s in range(self.manifest.num_shards):
             values = self._shard(s).arrays['topk_values']
-            out.append(values.max(axis=2) if self.manifest.label_type == 'full' else values[:, :, 0])
+            if self.manifest.label_type == 'full':
+                out.append(values.max(axis=2))
+            else:
+                out.append(decode_values(values[:, :, :1])[:, :, 0] if self._codes else values[:, :, 0])
         return np.concatenate(out).astype(np.float32)
+
+    def all_top_classes(self) -> np.ndarray:
+        """int64 [num_images, R]: the teacher's argmax class of every region."""
+        out = []
+        k = self.manifest.topk
+        for s in range(self.manifest.num_shards):
+            arrays = self._shard(s).arrays
+            if self.manifest.label_type == 'full':
+                out.append(np.asarray(arrays['topk_values']).argmax(axis=2))
+            elif self._codes:
+                positions = np.arange(self.manifest.regions_per_image) * k
+                rows = arrays['topk_indices']
+                out.append(unpack_indices(rows, np.broadcast_to(positions, (rows.shape[0], positions.size)),
+                                          self.storage.bits))
+            else:
+                out.append(np.asarray(arrays['topk_indices'][:, :, 0], dtype=np.int64))
+        return np.concatenate(out).astype(np.int64)
 
     def verify_checksums(self) -> None:
         """Recompute every shard's sha256 and compare it with the manifest; raise ``BankError`` on mismatch."""

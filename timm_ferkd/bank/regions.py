@@ -16,6 +16,7 @@ Algorithm (torchvision's RandomResizedCrop, with our own random numbers):
   2: top, 3: left} and draw 40 for the flip.
 """
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,16 +34,44 @@ _FLIP_DRAW = 4 * _ATTEMPTS
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
+_S11, _S27, _S30, _S31 = (np.uint64(v) for v in (11, 27, 30, 31))
 _MAX_REGIONS = 1 << 16
 _MAX_IMAGES = 1 << 40
+# attempt 0's draws and the flip: almost every region fits at its first attempt, so the other
+# attempts' draws are made only for the regions that need them
+_FIRST_DRAWS = np.array([0, 1, 2, 3, _FLIP_DRAW], dtype=np.uint64)
+_RETRY_DRAWS = np.arange(4, _FLIP_DRAW, dtype=np.uint64)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    # uint64 arithmetic wraps modulo 2**64, which is exactly what SplitMix64 needs
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * _MIX1
-    x = (x ^ (x >> np.uint64(27))) * _MIX2
-    return x ^ (x >> np.uint64(31))
+    """SplitMix64 finaliser of a uint64 array, in place (uint64 arithmetic wraps modulo 2**64, as it needs).
+
+    In-place updates: a label read hashes about 20 numbers, where numpy's per-call cost, not the
+    arithmetic, is the price (one temporary per line instead of three).
+    """
+    x += _GOLDEN
+    x ^= x >> _S30
+    x *= _MIX1
+    x ^= x >> _S27
+    x *= _MIX2
+    x ^= x >> _S31
+    return x
+
+
+@lru_cache(maxsize=64)
+def _seed_key(seed: int) -> np.uint64:
+    return _splitmix64(np.asarray([seed], dtype=np.uint64))[0]
+
+
+def _uniform_from_counters(seed: int, counter: np.ndarray) -> np.ndarray:
+    """Uniform doubles of uint64 counters ``image << 24 | region << 8 | draw`` (``counter`` is consumed)."""
+    bits = _splitmix64(counter)
+    bits ^= _seed_key(seed)
+    _splitmix64(bits)
+    bits >>= _S11
+    out = bits.astype(np.float64)
+    out *= 1.0 / (1 << 53)
+    return out
 
 
 def uniform(seed: int, image_index: int, region_index: np.ndarray, draw: np.ndarray) -> np.ndarray:
@@ -57,12 +86,9 @@ def uniform(seed: int, image_index: int, region_index: np.ndarray, draw: np.ndar
     Returns:
         float64 array of the broadcast shape.
     """
-    with np.errstate(over='ignore'):
-        key = _splitmix64(np.asarray([seed], dtype=np.uint64))
-        counter = (np.uint64(image_index) << np.uint64(24)) \
-            | (np.asarray(region_index, dtype=np.uint64) << np.uint64(8)) | np.asarray(draw, dtype=np.uint64)
-        bits = _splitmix64(key ^ _splitmix64(counter))
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    counter = (np.uint64(image_index) << np.uint64(24)) \
+        | (np.asarray(region_index, dtype=np.uint64) << np.uint64(8)) | np.asarray(draw, dtype=np.uint64)
+    return _uniform_from_counters(seed, np.array(counter, dtype=np.uint64))
 
 
 @dataclass(frozen=True)
@@ -116,32 +142,84 @@ class RegionSampler:
             The regions' pixel boxes and flips.
         """
         height, width = int(image_size[0]), int(image_size[1])
-        ids = np.asarray(region_ids, dtype=np.int64).reshape(-1)
         if not 0 <= image_index < _MAX_IMAGES:
             raise ValueError(f'image index {image_index} outside [0, 2**40)')
+        ids = np.asarray(region_ids, dtype=np.int64).reshape(-1)
+        boxes, flips = self._sample(np.uint64(image_index << 24), np.int64(height), np.int64(width), ids)
+        return Regions(boxes=boxes, flips=flips, image_size=(height, width))
+
+    def sample_batch(
+            self,
+            image_indices: Sequence[int],
+            image_sizes: np.ndarray,
+            region_ids: np.ndarray,
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """Regions of several images in one vectorised pass (the same boxes as ``sample`` image by image).
+
+        Args:
+            image_indices: [m] image indices.
+            image_sizes: [m, 2] (height, width) of each image.
+            region_ids: [m, c] regions of each image.
+
+        Returns:
+            (int64 boxes [m, c, 4] as (top, left, height, width), bool flips [m, c]).
+        """
+        images = np.asarray(image_indices, dtype=np.int64).reshape(-1)
+        ids = np.asarray(region_ids, dtype=np.int64).reshape(images.size, -1)
+        sizes = np.asarray(image_sizes, dtype=np.int64).reshape(images.size, 2)
+        if images.size and (images.min() < 0 or images.max() >= _MAX_IMAGES):
+            raise ValueError('image indices must lie in [0, 2**40)')
+        c = ids.shape[1]
+        base = np.repeat(images.astype(np.uint64) << np.uint64(24), c)
+        boxes, flips = self._sample(base, np.repeat(sizes[:, 0], c), np.repeat(sizes[:, 1], c), ids.reshape(-1))
+        return boxes.reshape(images.size, c, 4), flips.reshape(images.size, c)
+
+    def _sample(self, base, height, width, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Boxes and flips of regions ``ids``; ``base`` (image << 24), ``height``, ``width``: scalars or per region.
+
+        The arithmetic, operation by operation, is the module docstring's algorithm in float64:
+        regions whose first attempt fits (nearly all) are done after one set of draws, the others
+        retry attempts 1..9 together, and the first fitting attempt of each wins.
+        """
         if ids.size and (ids.min() < 0 or ids.max() >= _MAX_REGIONS):
             raise ValueError('region ids must lie in [0, 65536)')
-        area = float(height * width)
+        counter = (ids.astype(np.uint64) << np.uint64(8)) | base
+        u = _uniform_from_counters(self.seed, counter[:, None] | _FIRST_DRAWS)
+        area = (height * width).astype(np.float64)
+        h, w, fits = self._attempt(area, height, width, u[:, 0], u[:, 1])
+        top = np.floor(u[:, 2] * (height - h + 1)).astype(np.int64)
+        left = np.floor(u[:, 3] * (width - w + 1)).astype(np.int64)
+        boxes = np.stack([top, left, h, w], axis=1)
+        flips = u[:, 4] < self.flip_prob
+        if not fits.all():
+            self._retry(boxes, np.flatnonzero(~fits), counter, area, height, width)
+        return boxes, flips
+
+    def _attempt(self, area, height, width, u_area: np.ndarray, u_aspect: np.ndarray):
+        target_area = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u_area)
         log_lo, log_hi = np.log(self.ratio[0]), np.log(self.ratio[1])
-        # all draws of all regions at once: [n, 4 * attempts + 1]
-        u = uniform(self.seed, image_index, ids[:, None], np.arange(_FLIP_DRAW + 1)[None, :])
-        u_attempts = u[:, :_FLIP_DRAW].reshape(-1, _ATTEMPTS, 4)
-        target_area = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u_attempts[..., 0])
-        aspect = np.exp(log_lo + (log_hi - log_lo) * u_attempts[..., 1])
+        aspect = np.exp(log_lo + (log_hi - log_lo) * u_aspect)
         w = np.rint(np.sqrt(target_area * aspect)).astype(np.int64)
         h = np.rint(np.sqrt(target_area / aspect)).astype(np.int64)
-        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        return h, w, (w > 0) & (w <= width) & (h > 0) & (h <= height)
+
+    def _retry(self, boxes: np.ndarray, rows: np.ndarray, counter: np.ndarray, area, height, width) -> None:
+        """Overwrite ``boxes[rows]`` (whose first attempt failed) with their attempts 1..9 or the central crop."""
+        pick = (lambda a: a[rows]) if np.ndim(area) else (lambda a: a)
+        area, height, width = pick(area), pick(height), pick(width)
+        u = _uniform_from_counters(self.seed, counter[rows, None] | _RETRY_DRAWS).reshape(rows.size, -1, 4)
+        col = (lambda a: a[:, None]) if np.ndim(area) else (lambda a: a)
+        h, w, fits = self._attempt(col(area), col(height), col(width), u[..., 0], u[..., 1])
         first = np.argmax(fits, axis=1)
-        found = fits[np.arange(ids.size), first]
-        rows = np.arange(ids.size)
-        h, w = h[rows, first], w[rows, first]
-        top = np.floor(u_attempts[rows, first, 2] * (height - h + 1)).astype(np.int64)
-        left = np.floor(u_attempts[rows, first, 3] * (width - w + 1)).astype(np.int64)
-        boxes = np.stack([top, left, h, w], axis=1)
-        if not found.all():
-            boxes[~found] = self._central_box(height, width)
-        flips = u[:, _FLIP_DRAW] < self.flip_prob
-        return Regions(boxes=boxes, flips=flips, image_size=(height, width))
+        sel = np.arange(rows.size)
+        found = fits[sel, first]
+        h, w = h[sel, first], w[sel, first]
+        top = np.floor(u[sel, first, 2] * (height - h + 1)).astype(np.int64)
+        left = np.floor(u[sel, first, 3] * (width - w + 1)).astype(np.int64)
+        boxes[rows] = np.stack([top, left, h, w], axis=1)
+        for j in np.flatnonzero(~found):
+            boxes[rows[j]] = self._central_box(int(np.broadcast_to(height, rows.shape)[j]),
+                                               int(np.broadcast_to(width, rows.shape)[j]))
 
     def _central_box(self, height: int, width: int) -> np.ndarray:
         in_ratio = width / height

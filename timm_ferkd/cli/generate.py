@@ -3,6 +3,7 @@ import argparse
 from dataclasses import fields
 
 from timm_ferkd.bank.generate import GenerateConfig, generate_bank
+from timm_ferkd.bank.codes import VALUE_DTYPES
 from timm_ferkd.bank.labels import LABEL_TYPES
 
 
@@ -37,6 +38,9 @@ def register(subparsers) -> None:
     r.add_argument('--temperature', type=float, default=1.0, metavar='T', help='softmax(z / T) (default 1)')
     r.add_argument('--fnkd-tau', type=float, default=None, metavar='TAU',
                    help="store FNKD's feature-normalised distribution softmax(TAU z / ||f||) instead of softmax(z / T)")
+    r.add_argument('--value-dtype', default='float16', choices=VALUE_DTYPES,
+                   help='float16 values (format 1), or uint8: 8-bit values and bit-packed indices, 12 B/region for '
+                        'top-5 of 1000 classes instead of 20 (format 2; docs/bank-format.md)')
     r.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('LO', 'HI'))
     r.add_argument('--ratio', type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=('LO', 'HI'))
     r.add_argument('--seed', type=int, default=0, help='region seed: the same seed gives the same regions')

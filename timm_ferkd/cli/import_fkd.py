@@ -1,6 +1,7 @@
 """``timm-ferkd import-fkd``: convert official FKD / FerKD soft-label folders into a bank."""
 import argparse
 
+from timm_ferkd.bank.codes import VALUE_DTYPES
 from timm_ferkd.bank.fkd_import import FKD_LABEL_TYPES, REPORT_NAME, FKDImportConfig, import_fkd
 
 
@@ -26,6 +27,8 @@ def register(subparsers) -> None:
                    help='RandomResizedCrop scale the labels were made with (recorded only)')
     p.add_argument('--fill-missing', action='store_true',
                    help='give images without a label file hard ground-truth labels (whole image) instead of failing')
+    p.add_argument('--value-dtype', default='float16', choices=VALUE_DTYPES,
+                   help='float16 values, or uint8: 8-bit values and bit-packed indices (format 2; docs/bank-format.md)')
     p.add_argument('--images-per-shard', type=int, default=1000, metavar='N')
     p.add_argument('-j', '--workers', type=int, default=4, help='loading processes (default 4)')
     p.add_argument('--no-progress', dest='progress', action='store_false')
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         src=args.src, output=args.output, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
         label_type=args.label_type, num_classes=args.num_classes, regions=args.regions, teacher=args.teacher,
         temperature=args.temperature, scale=tuple(args.scale), images_per_shard=args.images_per_shard,
+        value_dtype=args.value_dtype,
         workers=args.workers, fill_missing=args.fill_missing, progress=args.progress)
     report = import_fkd(cfg)
     print(report.summary())

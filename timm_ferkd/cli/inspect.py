@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"images          {summary['num_images']} x {summary['regions_per_image']} regions "
           f"({summary['num_shards']} shards)")
     print(f"labels          {summary['label_type']}, top-{summary['topk']} of {summary['num_classes']} classes, "
-          f"T={summary['temperature']}")
+          f"T={summary['temperature']}, {summary['value_dtype']} values, {summary['index_dtype'] or 'no'} indices")
     print(f"regions         seed {summary['seed']}, scale {summary['scale']}, ratio "
           f"{[round(r, 4) for r in summary['ratio']]}")
     print(f"size            {summary['bytes_on_disk']} bytes, {summary['bytes_per_region']:.2f} B/region")

@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     bank = open_bank(args.bank, validate=True)
     bank.verify_checksums()
     m = bank.manifest
-    print(f'{bank.path}: {len(m.shards)} shards, checksums and schema OK')
+    print(f'{bank.path}: {len(m.shards)} shards, checksums and schema OK (format {m.format_version}: '
+          f'{m.value_dtype} values, {m.index_dtype or "no"} indices)')
     if args.data_dir is not None or args.dataset is not None:
         name = m.dataset.name if args.dataset is None else args.dataset
         split = m.dataset.split if args.split is None else args.split

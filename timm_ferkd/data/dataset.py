@@ -271,27 +271,37 @@ class RegionDataset(Dataset):
         Returns:
             (uint8 [num_crops, C, H, W], target dict; see the class docstring).
         """
-        if isinstance(key, tuple):
-            index, epoch = int(key[0]), int(key[1])
-        else:
-            index, epoch = int(key), self.epoch
-        if not 0 <= index < self.num_images:
-            raise IndexError(f'image {index} outside the dataset (0..{self.num_images - 1})')
-        ids = self.region_ids(index, epoch)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[Union[int, EpochKey, Tuple[int, int]]]) -> list:
+        """The items of a DataLoader batch (torch's fetcher calls this with the batch's keys).
+
+        The boxes and soft labels of all the batch's images come from one ``bank.read_batch``: read
+        image by image, numpy's per-call cost would be most of the label read.
+        """
+        keys = [(int(k[0]), int(k[1])) if isinstance(k, tuple) else (int(k), self.epoch) for k in keys]
+        for index, _ in keys:
+            if not 0 <= index < self.num_images:
+                raise IndexError(f'image {index} outside the dataset (0..{self.num_images - 1})')
+        ids = [self.region_ids(index, epoch) for index, epoch in keys]
+        read = self.bank.read_batch([index for index, _ in keys], np.stack(ids))
+        return [self._item(index, epoch, ids[j], read, j) for j, (index, epoch) in enumerate(keys)]
+
+    def _item(self, index: int, epoch: int, ids: np.ndarray, read, j: int):
         image, target = self.source.load(index)
-        regions = self.bank.regions(index, ids)
-        if regions.image_size != (image.height, image.width) or target != self.bank.target(index):
+        recorded, recorded_target = tuple(int(v) for v in read.image_sizes[j]), int(read.targets[j])
+        if recorded != (image.height, image.width) or target != recorded_target:
             name = _image_name(self.source, index)
             raise BankMismatchError(
                 f'image {index}{f" ({name})" if name else ""} decodes to {image.height}x{image.width} with class '
-                f'{target}, the bank recorded {regions.image_size[0]}x{regions.image_size[1]} with class '
-                f'{self.bank.target(index)}: the dataset files changed since the bank was generated; '
+                f'{target}, the bank recorded {recorded[0]}x{recorded[1]} with class '
+                f'{recorded_target}: the dataset files changed since the bank was generated; '
                 f'regenerate the bank')
         rng = self._rng(index, epoch, _STREAM_JITTER) if self.post_transform.color_jitter > 0 else None
         size = self.input_size[1:]
         crops = torch.empty((self.num_crops,) + self.input_size, dtype=torch.uint8)
-        for j, (box, flip) in enumerate(zip(regions.boxes, regions.flips)):
-            self.post_transform(replay_region(image, box, flip, size, self._pil_interpolation), rng, out=crops[j])
+        for c, (box, flip) in enumerate(zip(read.boxes[j], read.flips[j])):
+            self.post_transform(replay_region(image, box, flip, size, self._pil_interpolation), rng, out=crops[c])
 
         n = self.num_crops
         label = torch.full((n,), target, dtype=torch.long)
@@ -299,7 +309,7 @@ class RegionDataset(Dataset):
             category = torch.full((n,), CATEGORY_SOFT, dtype=torch.int8)
         else:
             category = torch.from_numpy(self.categories[index, ids].astype(np.int8))
-        soft = self.label_transform(self.bank.dense_targets(index, ids), label, category)
+        soft = self.label_transform(read.soft[j], label, category)
         return crops, {
             'soft': soft,
             'label': label,
