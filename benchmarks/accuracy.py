@@ -110,6 +110,10 @@ class Bench:
         self.logs = out / 'logs'
         self.logs.mkdir(parents=True, exist_ok=True)
         self.dataset, self.size, train_images = DATASETS[args.dataset]
+        if args.dataset == 'cluttered' and args.clutter:
+            self.dataset += ':' + args.clutter
+            params = dict(kv.split('=', 1) for kv in args.clutter.split(','))
+            self.size = int(params.get('canvas', self.size))
         self.holdout = train_images - args.val_images
         self.val_split = f'train[{self.holdout}:]'
         self.seconds: Dict[str, float] = {}
@@ -224,7 +228,7 @@ def steps_of(run, steps_per_epoch: int) -> List[int]:
 
 def check_reuse(out: Path, args: argparse.Namespace) -> None:
     """Finished runs in ``out`` are reused; refuse if they were made with other sizes or settings."""
-    keys = ('dataset', 'images', 'val_images', 'epochs', 'num_crops', 'regions', 'scale', 'teacher',
+    keys = ('dataset', 'clutter', 'images', 'val_images', 'epochs', 'num_crops', 'regions', 'scale', 'teacher',
             'teacher_epochs', 'teacher_images', 'teacher_dir', 'student', 'batch_size', 'device', 'amp', 'fnkd_tau')
     config = json.loads(json.dumps({k: getattr(args, k) for k in keys}))
     path = out / 'benchmark-config.json'
@@ -296,6 +300,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--output', default=None, help='runs, logs, results.md, convergence.png '
                         '(default: accuracy-output; a temp dir with --smoke)')
     parser.add_argument('--dataset', default='fashion_mnist', choices=sorted(DATASETS))
+    parser.add_argument('--clutter', default=None, metavar='K=V,...',
+                        help='cluttered dataset parameters, e.g. canvas=40,scale=0.6-0.8 (default: its defaults)')
     parser.add_argument('--data-dir', default=None, help='Fashion-MNIST directory (default: OUTPUT/data, prepared)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast in every run')
