@@ -250,7 +250,7 @@ def select(bench: Bench, teacher: Path) -> Tuple[Dict[str, float], str, float, L
     lrs: Dict[str, float] = {}
     report += ['| method | ' + ' | '.join(f'lr {lr:g}' for lr in a.lr_grid) + ' | chosen |',
                '|---|' + '---|' * (len(a.lr_grid) + 1)]
-    for name in ('plain', 'online_kd', 'fkd'):
+    for name in [n for n in ('plain', 'online_kd', 'fkd') if n in a.methods or n == 'fkd']:
         scores = {}
         for lr in a.lr_grid:
             scores[lr] = mean([bench.train(f'sel-{name}-lr{lr:g}-s{s}', base[name], s, lr, 'val', teacher).final_top1
