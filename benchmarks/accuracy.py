@@ -24,7 +24,7 @@ plain epochs, so the curves have the same points.
 
 Methods: plain (label smoothing 0.1), online_kd (timm ``LogitDistillationTask``, T = 1, its default CE
 weight), fkd (soft CE on stored labels), ferkd (calibration), ferkd_selfmix (calibration + SelfMix),
-prob_shift (FKD labels after the probability shift), dtd (dynamic temperature, no CE term),
+fkd_uint8 (FKD from an 8-bit bank of the same regions), prob_shift (FKD labels after the probability shift), dtd (dynamic temperature, no CE term),
 fnkd (bank generated with ``--fnkd-tau``, student feature-normalised, + CE).
 
 Usage::
@@ -87,6 +87,8 @@ def methods_for(calib: str, selfmix_prob: float) -> Dict[str, Method]:
         Method('online_kd', 'online', 'online KD, teacher in the loop (timm LogitDistillationTask, T=1)',
                ['--kd-loss', 'kd', '--kd-temperature', '1']),
         Method('fkd', 'offline', 'FKD: soft CE on stored region labels', ['--distill-loss', 'soft_ce']),
+        Method('fkd_uint8', 'offline', 'FKD from the same teacher\'s 8-bit bank (generate --value-dtype uint8)',
+               ['--distill-loss', 'soft_ce'], bank='bank-uint8'),
         Method('ferkd', 'offline', f'FerKD: calibration (quantiles {calib})',
                ['--distill-loss', 'ferkd', *calib_flags(calib)]),
         Method('ferkd_selfmix', 'offline', f'FerKD: calibration + SelfMix p={selfmix_prob}',
@@ -366,6 +368,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.bank(teacher, 'bank')
     if 'fnkd' in args.methods:
         bench.bank(teacher, 'bank-fnkd', ['--fnkd-tau', str(args.fnkd_tau)])
+    if 'fkd_uint8' in args.methods:
+        bench.bank(teacher, 'bank-uint8', ['--value-dtype', 'uint8'])
     lrs, calib, selfmix_prob, selection = select(bench, teacher)
     methods = methods_for(calib, selfmix_prob)
 
