@@ -33,17 +33,16 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 
 from timm.data import create_loader, resolve_data_config, Mixup
 from timm.models import create_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.task import ClassificationTask, resume_task_checkpoint, load_task_ema_checkpoint
+from timm.task import ClassificationTask, evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import (
-    AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs, accuracy, get_outdir, init_distributed_device,
-    random_seed, reduce_tensor, setup_default_logging, update_summary)
+    AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs, get_outdir, init_distributed_device, random_seed,
+    setup_default_logging, update_summary)
 
 from timm_ferkd.data.source import stats_for_chans
 from timm_ferkd.errors import ConfigError, FerKDError
@@ -548,9 +547,9 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1)
             continue
-        eval_metrics = _validate(task.get_eval_model(), loader_eval, args, device, autocast)
+        eval_metrics = _validate(task, task.get_eval_model(), loader_eval, args, autocast)
         if task.has_ema():
-            ema_metrics = _validate(task.get_eval_model(ema=True), loader_eval, args, device, autocast)
+            ema_metrics = _validate(task, task.get_eval_model(ema=True), loader_eval, args, autocast)
             eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[eval_metric])
@@ -780,25 +779,17 @@ def _save_recovery(saver: CheckpointSaver, epoch: int, batch_idx: int) -> None:
 
 
 @torch.no_grad()
-def _validate(model, loader, args, device, autocast) -> Dict[str, float]:
+def _validate(task, model, loader, args, autocast) -> Dict[str, float]:
+    """Loss, top-1 and top-5 through the task's timm evaluator (padded distributed samples not counted)."""
     model.eval()
-    meters = {k: AverageMeter() for k in ('loss', 'top1', 'top5')}
-    topk = (1, min(5, args.num_classes))
+    evaluator = task.create_evaluator(max_samples=evaluation_sample_limit(loader))
     for input, target in loader:
-        input, target = input.to(device), target.to(device)
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with autocast():
             output = model(input)
-        loss = F.cross_entropy(output.float(), target)
-        acc1, acc5 = accuracy(output, target, topk=topk)
-        if args.distributed:
-            loss, acc1, acc5 = (reduce_tensor(t, args.world_size) for t in (loss, acc1, acc5))
-        n = input.shape[0]
-        meters['loss'].update(loss.item(), n)
-        meters['top1'].update(acc1.item(), n)
-        meters['top5'].update(acc5.item(), n)
-    return OrderedDict((k, m.avg) for k, m in meters.items())
+        evaluator.update(output, target)
+    return evaluator.compute(distributed=args.distributed)
 
 
 if __name__ == '__main__':

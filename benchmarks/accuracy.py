@@ -176,7 +176,7 @@ class Bench:
         return out
 
     def train(self, exp: str, method: Method, seed: int, lr: float, validate_on: str, teacher: Path,
-              extra: Sequence[str] = ()) -> 'Run':
+              extra: Sequence[str] = ()):
         """One student run (reused when finished); ``validate_on`` is 'val' or 'test'."""
         from timm_ferkd.runs import load_run
         a = self.args
