@@ -70,7 +70,9 @@ def test_quantile_thresholds():
     rng = np.random.default_rng(0)
     m = rng.uniform(0.25, 1.0, size=(50, 20)).astype(np.float32)
     t = CalibrationConfig(low=0.1, mid=0.4, top=0.95, quantile=True).resolve(m)
-    assert (t.low, t.mid, t.top) == tuple(np.quantile(m.astype(np.float64), [0.1, 0.4, 0.95]))
+    # quantiles of the tie-broken confidences: within the 2**-24 jitter of the stored values' quantiles
+    expected = np.quantile(m.astype(np.float64), [0.1, 0.4, 0.95])
+    assert np.allclose((t.low, t.mid, t.top), expected, rtol=0, atol=2.0 ** -23) and t.tie_break
     cat = FerKDCalibration(t, C).categorize(m)
     n = m.size
     assert abs((m < t.low).sum() / n - 0.1) < 0.01
@@ -78,7 +80,7 @@ def test_quantile_thresholds():
     assert abs((cat == H).mean() - 0.3) < 0.01
     # quantiles 0 and 1 are the extremes: nothing is discarded
     t = CalibrationConfig(low=0.0, mid=0.0, top=1.0, quantile=True).resolve(m)
-    assert (t.low, t.top) == (float(m.min()), float(m.max()))
+    assert (t.low, t.top) == (-np.inf, np.inf)
     assert (FerKDCalibration(t, C).categorize(m) == S).all()
 
 
@@ -209,3 +211,22 @@ def test_prob_shift_and_temperature_reach_the_crops(tmp_path, source):
     assert (target['soft'].argmax(1) == target['label']).all()
     assert torch.allclose(target['soft'].sum(1), torch.ones(2))
     assert target['soft'].max() < stored.max()        # flattened by T = 2
+
+
+def test_quantiles_discard_their_fraction_even_among_tied_confidences():
+    m = np.concatenate([np.linspace(0.2, 0.99, 500), np.ones(500)]).astype(np.float32).reshape(10, 100)
+    cfg = CalibrationConfig(low=0.05, mid=0.2, top=0.9, quantile=True)
+    ferkd = FerKDCalibration(cfg.resolve(m), num_classes=10)
+    categories = ferkd.categorize(m)
+    # 10% of the regions are discarded at the top although half of them store exactly 1.0
+    top = (categories == D) & (m == 1.0)
+    assert top.sum() == 100 and ((categories == D) & (m < 0.5)).sum() == 50
+    assert (categories == H).sum() == 150
+    # deterministic, and distinct values keep their order
+    assert np.array_equal(categories, ferkd.categorize(m.copy()))
+    from timm_ferkd.data.calibration import tie_broken
+    t = tie_broken(m).reshape(-1)
+    assert (np.diff(t[:500]) > 0).all() and len(np.unique(t)) == m.size
+    # the extremes discard nothing
+    keep_all = FerKDCalibration(CalibrationConfig(0.0, 0.0, 1.0, quantile=True).resolve(m), 10).categorize(m)
+    assert (keep_all == S).all()

@@ -32,7 +32,7 @@ from timm_ferkd.errors import ConfigError
 __all__ = [
     'CATEGORY_SOFT', 'CATEGORY_HARD', 'CATEGORY_DISCARD', 'CATEGORY_NAMES',
     'CalibrationConfig', 'CalibrationThresholds', 'LabelTransform', 'Retemper', 'ProbabilityShift',
-    'FerKDCalibration', 'ComposeLabelTransforms', 'create_label_transform', 'smoothed_one_hot',
+    'FerKDCalibration', 'ComposeLabelTransforms', 'create_label_transform', 'smoothed_one_hot', 'tie_broken',
 ]
 
 CATEGORY_SOFT = 0
@@ -50,11 +50,36 @@ class CalibrationThresholds:
         mid: T_M, regions with ``low <= m < mid`` get the softened hard label.
         top: T_T, regions with ``m > top`` are discarded.
         eps: Smoothing of the hard label: ``1 - eps`` on the ground truth.
+        tie_break: Compare :func:`tie_broken` confidences (quantile thresholds), so that a quantile
+            discards that fraction of regions even where many share one stored value (fp16 rounds every
+            confidence above 0.9995 to 1.0).
     """
     low: float
     mid: float
     top: float
     eps: float
+    tie_break: bool = False
+
+
+# far below the spacing of stored confidences (fp16 >= 2**-20 at the smallest possible max, 1/C)
+_TIE_JITTER = 2.0 ** -24
+
+
+def tie_broken(max_probs: np.ndarray) -> np.ndarray:
+    """float64 confidences with ties broken by a fixed hash of each region's position in ``max_probs``.
+
+    Distinct stored values keep their order; equal ones are ordered by the hash, the same on every
+    rank and run. Quantile thresholds on these discard exactly the asked fraction of regions.
+    """
+    m = np.asarray(max_probs, dtype=np.float64)
+    index = np.arange(m.size, dtype=np.uint64)
+    with np.errstate(over='ignore'):
+        h = (index + np.uint64(0x9E3779B97F4A7C15)) * np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(29)
+    unit = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return m + _TIE_JITTER * unit.reshape(m.shape)
 
 
 @dataclass
@@ -64,7 +89,9 @@ class CalibrationConfig:
     With ``quantile=False`` the thresholds are absolute confidences. With ``quantile=True`` they are
     fractions of the bank's max-prob distribution, resolved by :meth:`resolve`: ``low=0.05`` discards
     the 5% least confident regions, ``top=0.99`` the 1% most confident ones, ``mid=0.3`` calibrates
-    the regions between the 5% and 30% quantiles. Quantiles use numpy's default (linear) method.
+    the regions between the 5% and 30% quantiles. Quantiles use numpy's default (linear) method on
+    :func:`tie_broken` confidences, so they hold where many regions share a stored value (a confident
+    teacher's fp16 bank stores 1.0 for a quarter of its regions or more).
 
     The defaults (0, None, 1) keep every region with its teacher label, i.e. plain FKD.
 
@@ -118,9 +145,12 @@ class CalibrationConfig:
             return CalibrationThresholds(float(self.low), float(self.mid), float(self.top), float(self.eps))
         if max_probs is None or np.size(max_probs) == 0:
             raise ConfigError('quantile calibration thresholds need the bank\'s max probabilities')
-        low, mid, top = np.quantile(np.asarray(max_probs, dtype=np.float64).reshape(-1),
-                                    [self.low, self.mid, self.top])
-        return CalibrationThresholds(float(low), float(mid), float(top), float(self.eps))
+        m = tie_broken(max_probs).reshape(-1)
+        low, mid, top = np.quantile(m, [self.low, self.mid, self.top])
+        # the extreme quantiles are the extreme values: nothing lies outside them
+        low = -np.inf if self.low == 0 else low
+        top = np.inf if self.top == 1 else top
+        return CalibrationThresholds(float(low), float(mid), float(top), float(self.eps), tie_break=True)
 
 
 def smoothed_one_hot(label: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
@@ -213,9 +243,8 @@ class FerKDCalibration(LabelTransform):
     def categorize(self, max_probs: np.ndarray) -> np.ndarray:
         """int8 categories (``CATEGORY_*``) of regions with confidences ``max_probs`` (any shape)."""
         t = self.thresholds
-        m = np.asarray(max_probs)
         # compare in float64 so that m exactly equal to a threshold falls on the documented side
-        m = m.astype(np.float64, copy=False)
+        m = tie_broken(max_probs) if t.tie_break else np.asarray(max_probs).astype(np.float64, copy=False)
         category = np.full(m.shape, CATEGORY_SOFT, dtype=np.int8)
         category[m < t.mid] = CATEGORY_HARD
         category[(m < t.low) | (m > t.top)] = CATEGORY_DISCARD
