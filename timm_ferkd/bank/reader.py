@@ -1,4 +1,5 @@
 """Memory-mapped bank reader: one image's regions in O(1), safe in DataLoader workers."""
+import json
 import mmap
 import os
 from pathlib import Path
@@ -8,9 +9,12 @@ import numpy as np
 import torch
 
 from timm_ferkd.bank.format import (
-    EXPLICIT_SAMPLER, MANIFEST_NAME, SAFETENSORS_DTYPES, BankManifest, read_safetensors_header)
+    EXPLICIT_SAMPLER, MANIFEST_NAME, SAFETENSORS_DTYPES, BankManifest, ShardRecord, read_safetensors_header)
 from timm_ferkd.bank.labels import dense_targets
 from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, Regions, explicit_regions
+from timm_ferkd.bank.validate import (
+    check_label_rows, check_region_boxes, check_safetensors_header, check_shard_metadata, check_shard_values,
+    sample_rows)
 from timm_ferkd.bank.writer import sha256_file
 from timm_ferkd.errors import BankError
 
@@ -38,8 +42,9 @@ def _expected_shapes(manifest: BankManifest, num_images: int) -> Dict[str, Tuple
 class _Shard:
     """Lazily memory-mapped arrays of one shard file."""
 
-    def __init__(self, path: Path, manifest: BankManifest, num_images: int, expected_bytes: int):
+    def __init__(self, path: Path, manifest: BankManifest, record: ShardRecord, settings: Dict):
         self.path = path
+        num_images, expected_bytes = record.num_images, record.bytes
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -49,6 +54,8 @@ class _Shard:
                 f'shard {path} has {size} bytes, the manifest says {expected_bytes}: it is truncated or '
                 f'corrupt; re-download the bank or regenerate it')
         header, data_start = read_safetensors_header(path)
+        check_safetensors_header(header, size - data_start, path)
+        check_shard_metadata(header, settings, record, path)
         with open(path, 'rb') as f:
             # plain ndarrays over one read-only mapping: indexing them is cheaper than np.memmap's
             self._mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -60,10 +67,8 @@ class _Shard:
                 raise BankError(
                     f'shard {path}: tensor {name!r} should be {shape} {dtype}, found {found}; '
                     f'the shard does not belong to this manifest, regenerate or re-download the bank')
-            begin, end = info['data_offsets']
+            begin = info['data_offsets'][0]  # offsets and sizes checked with the header
             np_dtype = np.dtype(SAFETENSORS_DTYPES[dtype])
-            if end - begin != int(np.prod(shape)) * np_dtype.itemsize or data_start + end > size:
-                raise BankError(f'shard {path}: tensor {name!r} has corrupt offsets; regenerate or re-download it')
             self.arrays[name] = np.frombuffer(
                 self._mapping, dtype=np_dtype, count=int(np.prod(shape)), offset=data_start + begin).reshape(shape)
 
@@ -76,7 +81,8 @@ class SoftLabelBank:
 
     Args:
         path: Bank directory (containing ``manifest.json``).
-        validate: Open and check every shard's header and size now instead of on first use.
+        validate: Check every shard now (size, header, the values of a sample of its images) instead of
+            on first use; :meth:`validate` with ``full=True`` checks everything (see ``timm_ferkd.bank.validate``).
 
     Example:
         >>> bank = SoftLabelBank('labels/fmnist-resnet')
@@ -97,11 +103,11 @@ class SoftLabelBank:
                 f'bank {self.path} lists {len(m.shards)} of its {m.num_shards} shards: it is incomplete; '
                 f'rerun the generate command that made it to finish it')
         self.sampler = RegionSampler(seed=m.seed, scale=m.scale, ratio=m.ratio, flip_prob=m.flip_prob)
+        self._settings = json.loads(json.dumps(m.settings()))
         self._shards: Dict[int, _Shard] = {}
         self._pid = os.getpid()
         if validate:
-            for s in range(m.num_shards):
-                self._shard(s)
+            self.validate(full=False)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -131,7 +137,7 @@ class SoftLabelBank:
         shard = self._shards.get(shard_index)
         if shard is None:
             record = self.manifest.shards[shard_index]
-            shard = _Shard(self.path / record.file, self.manifest, record.num_images, record.bytes)
+            shard = _Shard(self.path / record.file, self.manifest, record, self._settings)
             self._shards[shard_index] = shard
         return shard
 
@@ -145,6 +151,8 @@ class SoftLabelBank:
         """Decoded (height, width) of an image when the bank was generated."""
         shard, i = self._locate(image_index)
         h, w = shard.arrays['image_sizes'][i]
+        if h < 1 or w < 1:
+            raise self._corrupt(shard, f'image {image_index} has size {int(h)}x{int(w)}')
         return int(h), int(w)
 
     def target(self, image_index: int) -> int:
@@ -170,7 +178,15 @@ class SoftLabelBank:
         ids = slice(None) if region_ids is None else np.asarray(region_ids, dtype=np.int64)
         values = np.array(shard.arrays['topk_values'][i, ids])
         indices = shard.arrays.get('topk_indices')
-        return (None if indices is None else np.array(indices[i, ids])), values
+        indices = None if indices is None else np.array(indices[i, ids])
+        problem = check_label_rows(indices, values, self.manifest)
+        if problem is not None:
+            region = np.arange(self.manifest.regions_per_image)[ids].reshape(-1)[problem[0]]
+            raise self._corrupt(shard, f'image {image_index} region {region} has {problem[1]}')
+        return indices, values
+
+    def _corrupt(self, shard: _Shard, what: str) -> BankError:
+        return BankError(f'shard {shard.path}: {what}; the bank is corrupt: regenerate or re-download it')
 
     def regions(self, image_index: int, region_ids: Optional[Sequence[int]] = None) -> Regions:
         """Pixel boxes and flips of some regions of an image.
@@ -185,7 +201,11 @@ class SoftLabelBank:
             return self.sampler.sample(image_index, size, region_ids)
         shard, i = self._locate(image_index)
         ids = np.asarray(region_ids, dtype=np.int64)
-        return explicit_regions(shard.arrays['boxes'][i, ids], shard.arrays['flips'][i, ids], size)
+        boxes, flips = shard.arrays['boxes'][i, ids], shard.arrays['flips'][i, ids]
+        problem = check_region_boxes(boxes, flips)
+        if problem is not None:
+            raise self._corrupt(shard, f'image {image_index} region {int(ids.reshape(-1)[problem[0]])} has {problem[1]}')
+        return explicit_regions(boxes, flips, size)
 
     def dense_targets(self, image_index: int, region_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
         """float32 [n, C] soft labels of some regions of an image (see ``timm_ferkd.bank.labels``)."""
@@ -203,17 +223,39 @@ class SoftLabelBank:
         for s in range(self.manifest.num_shards):
             values = self._shard(s).arrays['topk_values']
             out.append(values.max(axis=2) if self.manifest.label_type == 'full' else values[:, :, 0])
-        return np.concatenate(out).astype(np.float32)
+        max_probs = np.concatenate(out).astype(np.float32)
+        bad = ~((max_probs >= 0) & (max_probs <= 1))  # NaN fails both comparisons
+        if bad.any():
+            image, region = (int(v[0]) for v in np.nonzero(bad))
+            raise self._corrupt(self._locate(image)[0], f'image {image} region {region} has max probability '
+                                                        f'{max_probs[image, region]}, outside [0, 1]')
+        return max_probs
+
+    def validate(self, full: bool = False) -> None:
+        """Check the bank; raise ``BankError`` naming the first problem.
+
+        Args:
+            full: Recompute every shard's sha256 and check the values of every image; otherwise open
+                every shard (size, header, settings) and check the values of a sample of its images.
+        """
+        for s, record in enumerate(self.manifest.shards):
+            shard = self._shard(s)
+            if full:
+                self._verify_checksum(record)
+            rows = None if full else sample_rows(record.num_images)
+            check_shard_values(shard.arrays, self.manifest, record.first_image, str(shard.path), rows=rows)
 
     def verify_checksums(self) -> None:
         """Recompute every shard's sha256 and compare it with the manifest; raise ``BankError`` on mismatch."""
         for s, record in enumerate(self.manifest.shards):
             self._shard(s)
-            digest = sha256_file(self.path / record.file)
-            if digest != record.sha256:
-                raise BankError(
-                    f'shard {self.path / record.file} fails its sha256 check (corrupt); '
-                    f're-download the bank or regenerate it')
+            self._verify_checksum(record)
+
+    def _verify_checksum(self, record: ShardRecord) -> None:
+        if sha256_file(self.path / record.file) != record.sha256:
+            raise BankError(
+                f'shard {self.path / record.file} fails its sha256 check (corrupt); '
+                f're-download the bank or regenerate it')
 
     def bytes_on_disk(self) -> int:
         """Size of the manifest plus all shards."""
@@ -225,7 +267,7 @@ def open_bank(name: Union[str, os.PathLike], validate: bool = False) -> SoftLabe
 
     Args:
         name: Local bank directory, or a Hub dataset repo with timm's ``hf-hub:`` prefix.
-        validate: Check every shard's header and size now.
+        validate: Check every shard now (``SoftLabelBank(validate=True)``).
 
     Returns:
         The bank.
