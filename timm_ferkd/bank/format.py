@@ -168,7 +168,8 @@ class BankManifest:
             data = dict(data)
             teacher = dict(data['teacher'])
             for key in ('input_size', 'mean', 'std'):
-                teacher[key] = tuple(teacher[key])
+                if key in teacher:
+                    teacher[key] = tuple(teacher[key])
             data['teacher'] = TeacherInfo(**teacher)
             data['dataset'] = DatasetIdentity(**data['dataset'])
             data['shards'] = [ShardRecord(**s) for s in data.get('shards', [])]

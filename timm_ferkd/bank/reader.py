@@ -158,7 +158,10 @@ class SoftLabelBank:
     def target(self, image_index: int) -> int:
         """Ground-truth class of an image as recorded at generation."""
         shard, i = self._locate(image_index)
-        return int(shard.arrays['targets'][i])
+        target = int(shard.arrays['targets'][i])
+        if not 0 <= target < self.manifest.num_classes:
+            raise self._corrupt(shard, f'image {image_index} has target {target}, outside [0, {self.manifest.num_classes})')
+        return target
 
     def max_probs(self, image_index: int) -> np.ndarray:
         """float32 [R]: each region's max teacher probability (FerKD's confidence m)."""

@@ -1,9 +1,11 @@
 """``timm-ferkd inspect``: what a bank holds and how confident its teacher was."""
 import argparse
 import json
+import os
 
 from timm_ferkd.bank.inspect import plot_max_prob_histogram, summarize_bank
 from timm_ferkd.bank.reader import open_bank
+from timm_ferkd.errors import ConfigError
 
 
 def register(subparsers) -> None:
@@ -19,9 +21,16 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = summarize_bank(open_bank(args.bank), bins=args.bins)
+    if args.bins < 1:
+        raise ConfigError(f'--bins {args.bins} must be >= 1')
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        raise ConfigError(f'--plot {args.plot}: directory {os.path.dirname(os.path.abspath(args.plot))} does not exist')
+    summary = summarize_bank(open_bank(args.bank, validate=True), bins=args.bins)
     if args.plot:
-        plot_max_prob_histogram(summary, args.plot)
+        try:
+            plot_max_prob_histogram(summary, args.plot)
+        except OSError as e:
+            raise ConfigError(f'cannot write --plot {args.plot}: {e.strerror or e}') from None
     if args.json:
         print(json.dumps(summary))
         return 0
