@@ -478,10 +478,11 @@ def test_3_train_verify_bank_catches_a_flipped_value(tmp_path, fmnist_root, caps
     SoftLabelBank(root, validate=True)  # the quick check cannot tell
     with pytest.raises(BankError, match='sha256'):
         SoftLabelBank(root).validate(full=True)
-    rc = train_main('--data-dir', fmnist_root, '--dataset', 'torch/fashion_mnist', '--model', 'test_resnet',
-                    '--num-classes', CLASSES, '--soft-labels', root, '--verify-bank', '--output', tmp_path / 'run', '-j', 0)
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and last.startswith('train_ferkd.py: error: shard') and 'sha256' in last, last
+    for flag in (['--verify-bank'], []):  # a bank this small is checked in full by default too
+        rc = train_main('--data-dir', fmnist_root, '--dataset', 'torch/fashion_mnist', '--model', 'test_resnet',
+                        '--num-classes', CLASSES, '--soft-labels', root, '--output', tmp_path / 'run', '-j', 0, *flag)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert rc == 2 and last.startswith('train_ferkd.py: error: shard') and 'sha256' in last, last
 
 
 # ---------------------------------------------------------------------------------------------- 5, 8: training
@@ -539,7 +540,8 @@ def test_8_errors_in_dataloader_workers_are_one_line(fmnist_root, two_banks, tmp
     data[start + header['topk_indices']['data_offsets'][0] + image * 4 * k + 1] = 200  # class 200 of 10
     replace_shard(broken, 0, bytes(data))
     SoftLabelBank(broken, validate=True)
-    result = run_train(fmnist_root, tmp_path, '--soft-labels', broken, '--experiment', 'w', '-j', '1')
+    result = run_train(fmnist_root, tmp_path, '--soft-labels', broken, '--experiment', 'w', '-j', '1',
+                       '--verify-bank', 'quick')
     assert result.returncode == 2, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
