@@ -521,11 +521,6 @@ def _box_problem(boxes: np.ndarray, flips: np.ndarray) -> Optional[Tuple[int, st
     return None
 
 
-def check_region_boxes(boxes: np.ndarray, flips: np.ndarray) -> Optional[Tuple[int, str]]:
-    """The first stored (explicit) region whose box or flip is invalid, as (row, problem), or None."""
-    return _box_problem(np.asarray(boxes), np.asarray(flips))
-
-
 def sample_rows(num_images: int, count: int = 8) -> List[int]:
     """Images of a shard the quick check reads: the first, the last and evenly spaced ones between."""
     if num_images <= count:
