@@ -207,7 +207,7 @@ group.add_argument('--selfmix-switch-prob', type=float, default=0.5,
                    help='probability of CutMix instead of Mixup when both SelfMix alphas are set')
 group.add_argument('--verify-bank', nargs='?', default='auto', const='full', choices=('auto', 'quick', 'full'),
                    help='bank check at start-up: full = every shard\'s sha256 and every label value (about 0.6 GB/s), '
-                        'quick = headers and a sample of images (label rows are also checked as they are read); '
+                        'quick = headers and a sample of images (every image is also checked when first read); '
                         'auto (default) = full up to 2 GB of shards, else quick; the bare flag means full')
 group.add_argument('--resume-other-bank', action='store_true', default=False,
                    help='allow --resume with a checkpoint trained on another soft-label bank')

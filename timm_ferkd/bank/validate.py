@@ -6,8 +6,8 @@ Every reader runs the same checks, at the depth it can afford (``docs/cli.md`` l
   names), and for each shard when it is first mapped its size, its safetensors header
   (:func:`check_safetensors_header`, the rules of the safetensors library), its tensors' names, shapes and
   dtypes, and the settings the shard was written with (:func:`check_shard_metadata`), so a shard of another
-  bank or an edited manifest is refused. Label rows are checked when they are read
-  (:func:`check_label_rows`).
+  bank or an edited manifest is refused. Each image's values are checked when it is first read in a
+  process (:func:`check_shard_values` on its row), so no read returns unchecked values.
 * **quick** (``SoftLabelBank(validate=True)``: training start-up, ``inspect``, ``push --no-verify``): every
   shard opened, plus the values of a sample of images of each shard (:func:`sample_rows`).
 * **full** (``verify``, ``push``, ``train_ferkd.py --verify-bank``): every shard's sha256 against the
@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from timm_ferkd.bank.format import (
-    EXPLICIT_SAMPLER, SAFETENSORS_DTYPES, BankManifest, DatasetIdentity, ShardRecord, TeacherInfo, shard_file_name)
+    SAFETENSORS_DTYPES, BankManifest, DatasetIdentity, ShardRecord, TeacherInfo, shard_file_name)
 from timm_ferkd.bank.labels import LABEL_TYPES
 from timm_ferkd.errors import BankError
 
@@ -61,7 +61,8 @@ VALUE_DTYPES: Dict[str, ValueDtype] = {
 }
 
 # index dtype -> (safetensors dtype, classes it can index)
-INDEX_DTYPES: Dict[str, Tuple[str, int]] = {'uint8': ('U8', 1 << 8), 'uint16': ('U16', 1 << 16), 'int32': ('I32', 1 << 31)}
+INDEX_DTYPES: Dict[str, Tuple[str, int]] = {
+    'uint8': ('U8', 1 << 8), 'uint16': ('U16', 1 << 16), 'int32': ('I32', 1 << 31)}
 
 
 def _corrupt(source: str, what: str) -> BankError:
@@ -90,8 +91,8 @@ def _int(lo: int = None, hi: int = None) -> Callable[[Any], Optional[str]]:
 
 def _number(lo: float = None, hi: float = None, lo_open: bool = False) -> Callable[[Any], Optional[str]]:
     def check(value):
-        ok = _is_number(value) and (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi)
-        if not ok:
+        ok = _is_number(value) and (lo is None or (value > lo if lo_open else value >= lo))
+        if not ok or (hi is not None and value > hi):
             bounds = ' and '.join(filter(None, [
                 f'{">" if lo_open else ">="} {lo}' if lo is not None else '', f'<= {hi}' if hi is not None else '']))
             return f'must be a finite number {bounds}'.rstrip()
@@ -368,7 +369,8 @@ def check_shard_metadata(header: Dict[str, Any], settings: Dict[str, Any], recor
 
 # ---- label values
 
-def _label_problem(indices: Optional[np.ndarray], values: np.ndarray, manifest: BankManifest) -> Optional[Tuple[int, str]]:
+def _label_problem(
+        indices: Optional[np.ndarray], values: np.ndarray, manifest: BankManifest) -> Optional[Tuple[int, str]]:
     """(flat row, problem) of the first bad region among rows [..., k], or None."""
     k = values.shape[-1]
     values = values.reshape(-1, k)
@@ -442,7 +444,8 @@ def _labels_ok(indices: Optional[np.ndarray], values: np.ndarray, manifest: Bank
     return True
 
 
-def check_label_rows(indices: Optional[np.ndarray], values: np.ndarray, manifest: BankManifest) -> Optional[Tuple[int, str]]:
+def check_label_rows(
+        indices: Optional[np.ndarray], values: np.ndarray, manifest: BankManifest) -> Optional[Tuple[int, str]]:
     """The first region among stored rows that breaks the value rules, as (row, problem), or None.
 
     Args:
