@@ -289,9 +289,11 @@ def _check_args(args: argparse.Namespace) -> None:
     if (args.input_size is not None and min(args.input_size) < 1) or (args.img_size is not None and args.img_size < 1):
         raise ConfigError('--input-size and --img-size must be positive')
     try:
-        torch.device(args.device)
+        device = torch.device(args.device)
     except (RuntimeError, TypeError):
         raise ConfigError(f'unknown --device {args.device!r}; use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'--device {args.device}: CUDA is not available here; use --device cpu')
 
 
 def _create_model(args: argparse.Namespace) -> nn.Module:

@@ -570,6 +570,7 @@ def test_8_worker_errors_keep_their_one_line_message():
 @pytest.mark.parametrize('flag,value,expect', [
     ('--lr', '-1', '--lr -1.0 must be'), ('--lr', 'nan', '--lr nan'), ('--log-interval', '0', '--log-interval 0'),
     ('--checkpoint-hist', '0', '--checkpoint-hist 0'), ('--seed', str(2 ** 70), '--seed'), ('--device', 'nope', '--device'),
+    *([('--device', 'cuda', 'CUDA is not available')] if not torch.cuda.is_available() else []),
     ('--input-size', ['1', '0', '0'], '--input-size'), ('-j', '-1', '--workers'),
     ('--weight-decay', '-0.1', '--weight-decay'),
 ])
