@@ -198,8 +198,8 @@ group.add_argument('--fnkd-tau', type=float, default=None, help='FNKD feature-no
 group.add_argument('--fnkd-lambda2', type=float, default=None, help='FNKD weight lambda^2 (default 9)')
 group.add_argument('--calib-low', type=float, default=0.0, metavar='T_L',
                    help='FerKD: discard regions whose max probability is below T_L (default 0: keep all)')
-group.add_argument('--calib-mid', type=float, default=0.0, metavar='T_M',
-                   help='FerKD: regions in [T_L, T_M) get the softened ground-truth label (default 0: none)')
+group.add_argument('--calib-mid', type=float, default=None, metavar='T_M',
+                   help='FerKD: regions in [T_L, T_M) get the softened ground-truth label (default T_L: none)')
 group.add_argument('--calib-top', type=float, default=1.0, metavar='T_T',
                    help='FerKD: discard regions whose max probability is above T_T (default 1: keep all)')
 group.add_argument('--calib-quantile', action='store_true', default=False,
@@ -217,6 +217,12 @@ group.add_argument('--selfmix-cutmix', type=float, default=0.0, metavar='ALPHA',
 group.add_argument('--selfmix-prob', type=float, default=0.5, help='probability of SelfMix per batch (default 0.5)')
 group.add_argument('--selfmix-switch-prob', type=float, default=0.5,
                    help='probability of CutMix instead of Mixup when both SelfMix alphas are set')
+group.add_argument('--verify-bank', nargs='?', default='auto', const='full', choices=('auto', 'quick', 'full'),
+                   help='bank check at start-up: full = every shard\'s sha256 and every label value (about 0.6 GB/s), '
+                        'quick = headers and a sample of images (every image is also checked when first read); '
+                        'auto (default) = full up to 2 GB of shards, else quick; the bare flag means full')
+group.add_argument('--resume-other-bank', action='store_true', default=False,
+                   help='allow --resume with a checkpoint trained on another soft-label bank')
 
 group = parser.add_argument_group('Online distillation (teacher in the loop)')
 group.add_argument('--kd-model-name', default=None, type=str, help='teacher model name; enables online KD')
@@ -286,8 +292,27 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f'--initial-checkpoint {args.initial_checkpoint} does not exist')
     for name in ('distill_temperature', 'kd_temperature', 'label_temperature'):
         value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f'--{name.replace("_", "-")} {value} must be > 0')
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f'--{name.replace("_", "-")} {value} must be a finite number > 0')
+    for name in ('lr', 'warmup_lr', 'min_lr', 'weight_decay'):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f'--{name.replace("_", "-")} {value} must be a finite number >= 0')
+    for name in ('log_interval', 'checkpoint_hist'):
+        if getattr(args, name) < 1:
+            raise ConfigError(f'--{name.replace("_", "-")} {getattr(args, name)} must be >= 1')
+    if args.workers < 0:
+        raise ConfigError(f'-j/--workers {args.workers} must be >= 0')
+    if not 0 <= args.seed < 1 << 31:
+        raise ConfigError(f'--seed {args.seed} must lie in [0, 2**31)')
+    if (args.input_size is not None and min(args.input_size) < 1) or (args.img_size is not None and args.img_size < 1):
+        raise ConfigError('--input-size and --img-size must be positive')
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f'unknown --device {args.device!r}; use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'--device {args.device}: CUDA is not available here; use --device cpu')
 
 
 def _create_model(args: argparse.Namespace) -> nn.Module:
@@ -346,6 +371,10 @@ def _data_config(args: argparse.Namespace, model: nn.Module) -> Dict[str, Any]:
     return data_config
 
 
+# banks up to this size are checked in full at start-up by default (about 3 s at 0.6 GB/s)
+_FULL_CHECK_BYTES = 2 * 10 ** 9
+
+
 def _open_bank(args: argparse.Namespace):
     from timm_ferkd.bank.reader import HF_HUB_PREFIX, open_bank
     name = args.soft_labels
@@ -355,7 +384,37 @@ def _open_bank(args: argparse.Namespace):
         # record the exact commit so the run can be reproduced from args.yaml
         args.soft_labels_commit = pulled.commit
         name = str(pulled.path)
-    return open_bank(name, validate=True)
+    bank = open_bank(name, validate=True)
+    size = bank.bytes_on_disk()
+    if args.verify_bank == 'full' or (args.verify_bank == 'auto' and size <= _FULL_CHECK_BYTES):
+        start = time.perf_counter()
+        bank.validate(full=True)
+        _logger.info(f'bank {bank.path}: checksums and label values OK ({time.perf_counter() - start:.1f}s)')
+    elif args.rank == 0:
+        _logger.info(f'bank {bank.path} ({size / 1e9:.1f} GB): headers and a sample of images checked; '
+                     f'--verify-bank full (or `timm-ferkd verify`) checks every shard\'s sha256 and value')
+    from timm_ferkd.bank.identity import bank_fingerprint
+    # saved with args in every checkpoint: a resume with another bank is noticed
+    args.soft_labels_fingerprint = bank_fingerprint(bank.manifest)
+    return bank
+
+
+def _check_resume_bank(args: argparse.Namespace) -> None:
+    """Refuse to continue a run with another bank than the one its checkpoint was trained on."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(args.resume, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # a checkpoint whose args cannot be read records no bank
+        return
+    saved_args = state.get('args') if isinstance(state, dict) else None
+    saved = getattr(saved_args, 'soft_labels_fingerprint', None)
+    current = getattr(args, 'soft_labels_fingerprint', None)
+    if saved is not None and saved != current and not args.resume_other_bank:
+        now = f'--soft-labels {args.soft_labels}' if args.soft_labels else 'no --soft-labels'
+        raise ConfigError(
+            f'--resume {args.resume} was trained on the soft-label bank {getattr(saved_args, "soft_labels", "?")} '
+            f'({saved[:19]}...), not on {now}: resume with the same bank, or pass --resume-other-bank to continue '
+            f'on this one on purpose')
 
 
 class _ImageRange(torch.utils.data.Dataset):
@@ -480,6 +539,7 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
         except Exception as e:  # corrupt or foreign files fail in many ways (pickle, keys, shapes)
             raise ConfigError(f'cannot resume from {args.resume}: {str(e).splitlines()[0][:200]} '
                               f'(use a last.pth.tar / recovery checkpoint of the same --model)') from None
+        _check_resume_bank(args)
 
     if args.torchcompile:
         task.compile(backend=args.torchcompile)

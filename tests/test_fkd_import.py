@@ -311,6 +311,24 @@ def test_regions_must_agree(image_folder, tmp_path):
     assert BankManifest.load(tmp_path / 'b').regions_per_image == REGIONS
 
 
+def test_failed_import_leaves_no_files(image_folder, tmp_path):
+    src = tmp_path / 'fkd'
+    stored = write_label_folder(src, image_folder, 'hard', fp16=False)
+    coords, flip, quantized = stored['fish/f1.png']
+    torch.save([np.concatenate([coords, coords]), np.concatenate([flip, flip]), np.concatenate([quantized] * 2)],
+               fkd_path(src, 'fish/f1.png'))
+    out = tmp_path / 'bank'
+    with pytest.raises(BankError, match='pass --regions N'):
+        run_import(src, image_folder, out, 'hard')
+    assert not out.exists()  # no import.json, no shard, no directory
+    out.mkdir()
+    with pytest.raises(BankError, match='pass --regions N'):
+        run_import(src, image_folder, out, 'hard')
+    assert not any(out.iterdir())
+    run_import(src, image_folder, out, 'hard', regions=REGIONS)  # the corrected command is not refused
+    SoftLabelBank(out).validate(full=True)
+
+
 def test_label_keys():
     assert fkd_label_keys('n01/n01_1.JPEG') == ['n01/n01_1']
     assert fkd_label_keys('a/x.v2.png') == ['a/x', 'a/x.v2']

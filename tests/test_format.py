@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from timm_ferkd.bank.format import BankManifest, DatasetIdentity, TeacherInfo
+from timm_ferkd.bank.format import BankManifest, DatasetIdentity, TeacherInfo, read_safetensors_header
 from timm_ferkd.bank.reader import SoftLabelBank
 from timm_ferkd.bank.writer import atomic_write_bytes, write_shard
 from timm_ferkd.errors import BankError
@@ -28,7 +28,7 @@ def make_bank(root: Path, num_images=6, regions=4, k=2, classes=5, per_shard=4, 
             'image_sizes': np.tile(np.array([[28, 30]], dtype=np.int32), (n, 1)),
             'targets': np.arange(first, first + n, dtype=np.int32) % classes,
             'topk_values': values.astype(np.float16),
-            'topk_indices': rng.integers(0, classes, (n, regions, k)).astype(np.uint8),
+            'topk_indices': np.argsort(rng.random((n, regions, classes)), axis=2)[..., :k].astype(np.uint8),
         })
         manifest.shards.append(record)
     atomic_write_bytes(root / 'manifest.json', manifest.to_json().encode())
@@ -72,12 +72,15 @@ def test_truncated_shard_is_detected(tmp_path):
 def test_corrupt_shard_fails_checksum(tmp_path):
     root = make_bank(tmp_path / 'bank')
     shard = root / 'shard-00001.safetensors'
+    header, start = read_safetensors_header(shard)
     data = bytearray(shard.read_bytes())
-    data[-3] ^= 0xFF
+    data[start + header['image_sizes']['data_offsets'][0]] ^= 0x01  # height 28 -> 29: still a valid value
     shard.write_bytes(bytes(data))
-    bank = SoftLabelBank(root, validate=True)  # same size: only the checksum can tell
+    bank = SoftLabelBank(root, validate=True)  # same size, valid values: only the checksum can tell
     with pytest.raises(BankError, match='sha256'):
         bank.verify_checksums()
+    with pytest.raises(BankError, match='sha256'):
+        bank.validate(full=True)
 
 
 def test_garbage_header_is_detected(tmp_path):
@@ -116,7 +119,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def boom(fd):
         raise OSError('disk full')
     monkeypatch.setattr('os.fsync', boom)
-    with pytest.raises(OSError):
+    with pytest.raises(BankError, match='cannot write .*disk full'):
         atomic_write_bytes(target, b'new content')
     assert target.read_bytes() == b'old'
     assert [p.name for p in tmp_path.iterdir()] == ['f.bin']

@@ -57,7 +57,7 @@ def make_bank(path: Path, num_images: int = 5, images_per_shard: int = 2, seed: 
             'image_sizes': np.full((n, 2), 28, np.int32),
             'targets': rng.integers(0, classes, n).astype(np.int32),
             'topk_values': values.astype(np.float16),
-            'topk_indices': rng.integers(0, classes, (n, regions, k)).astype(np.uint8),
+            'topk_indices': np.argsort(rng.random((n, regions, classes)), axis=2)[..., :k].astype(np.uint8),
         }))
     atomic_write_bytes(path / MANIFEST_NAME, manifest.to_json().encode())
     return path

@@ -42,6 +42,7 @@ import numpy as np
 from timm_ferkd.bank.format import (
     EXPLICIT_SAMPLER, MANIFEST_NAME, BankManifest, TeacherInfo)
 from timm_ferkd.bank.codes import label_storage, label_tensors
+from timm_ferkd.bank.validate import shard_metadata
 from timm_ferkd.bank.writer import atomic_write_bytes, finished_shards, write_shard
 from timm_ferkd.errors import BankError, ConfigError, FerKDError
 
@@ -183,6 +184,10 @@ def convert_fkd_labels(quantized: np.ndarray, label_type: str, source: str = 'la
     if not (np.all(np.isfinite(values)) and values.min(initial=0) >= -_EPS and values.max(initial=0) <= 1 + _EPS):
         raise BankError(f'{source}: probabilities outside [0, 1]; the file is corrupt or --label-type '
                         f'{label_type} is wrong')
+    if values.shape[1] > 1 and values.sum(axis=1).max(initial=0) > 1 + _EPS:
+        raise BankError(f'{source}: the probabilities of a region sum to more than 1; the file is corrupt or '
+                        f'--label-type {label_type} is wrong')
+    values = values.clip(0, 1)  # fp16 rounding may step a hair outside; banks hold probabilities
     order = np.argsort(-values, axis=1, kind='stable')
     return np.take_along_axis(indices.astype(np.int64), order, axis=1), np.take_along_axis(values, order, axis=1)
 
@@ -414,14 +419,20 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
                     fill_missing=cfg.fill_missing)
     settings = json.loads(json.dumps(settings))
     _check_output(out, settings)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / SETTINGS_NAME).is_file():
-        atomic_write_bytes(out / SETTINGS_NAME, json.dumps(settings, indent=2).encode())
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f'cannot create --output {out}: {e.strerror}') from None
 
     done = finished_shards(out, manifest)
     todo = [s for s in range(manifest.num_shards) if s not in done]
     items = _Items(abs_paths, label_files, cfg.label_type, regions, truncate=cfg.regions is not None)
-    _write_shards(items, manifest, todo, out, targets, cfg, report)
+    try:
+        _write_shards(items, manifest, settings, todo, out, targets, cfg, report)
+    except BaseException:
+        _discard_unfinished(out, manifest, created)
+        raise
     report.filled = len(missing)
 
     done = finished_shards(out, manifest)
@@ -435,12 +446,28 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     return report
 
 
+def _discard_unfinished(out: Path, manifest: BankManifest, created: bool) -> None:
+    """After a failure before any shard was finished, leave no file (and no directory we made) behind."""
+    if finished_shards(out, manifest):
+        return  # finished shards stay: the same command resumes them
+    for path in [out / SETTINGS_NAME, *out.glob('shard-*.safetensors*')]:
+        path.unlink(missing_ok=True)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
 def _check_output(out: Path, settings: Dict[str, Any]) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f'--output {out} exists and is not a directory')
     settings_path = out / SETTINGS_NAME
     if settings_path.is_file():
-        previous = json.loads(settings_path.read_text())
+        try:
+            previous = json.loads(settings_path.read_text())
+        except (OSError, ValueError, RecursionError):
+            previous = None
+        if not isinstance(previous, dict):
+            raise ConfigError(f'--output {out} has a corrupt {SETTINGS_NAME}, so it cannot be resumed; delete '
+                              f'{out} or choose another --output')
         diff = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         if diff:
             raise ConfigError(f'--output {out} holds an import with other settings ({", ".join(diff)} differ); '
@@ -449,8 +476,8 @@ def _check_output(out: Path, settings: Dict[str, Any]) -> None:
         raise ConfigError(f'--output {out} is not empty and holds no FKD import; choose another --output')
 
 
-def _write_shards(items: _Items, manifest: BankManifest, todo: List[int], out: Path, targets: np.ndarray,
-                  cfg: FKDImportConfig, report: FKDImportReport) -> None:
+def _write_shards(items: _Items, manifest: BankManifest, settings: Dict[str, Any], todo: List[int], out: Path,
+                  targets: np.ndarray, cfg: FKDImportConfig, report: FKDImportReport) -> None:
     from torch.utils.data import DataLoader
     if not todo:
         return
@@ -487,9 +514,11 @@ def _write_shards(items: _Items, manifest: BankManifest, todo: List[int], out: P
         if row == count - 1:
             storage = label_storage(manifest.num_classes, manifest.label_type, manifest.value_dtype)
             arrays.update(label_tensors(arrays['topk_indices'], arrays['topk_values'], storage))
-            write_shard(out, shard, first, arrays, metadata={
-                'format': 'timm-ferkd-bank-shard', 'first_image': str(first), 'num_images': str(count),
-                'source': 'fkd-import', 'fkd_label_type': cfg.label_type})
+            if not (out / SETTINGS_NAME).is_file():  # written with the first shard: a failure before leaves nothing
+                atomic_write_bytes(out / SETTINGS_NAME, json.dumps(settings, indent=2).encode())
+            write_shard(out, shard, first, arrays, metadata=dict(
+                shard_metadata(manifest, shard), format='timm-ferkd-bank-shard', source='fkd-import',
+                fkd_label_type=cfg.label_type))
             shard = next(shard_iter, None)
             if shard is not None:
                 first, count = manifest.shard_range(shard)

@@ -159,15 +159,21 @@ class BankManifest:
         if not isinstance(data, dict) or data.get('format') != FORMAT_NAME:
             raise BankError(f'{source} is not a timm-ferkd bank manifest (no "format": "{FORMAT_NAME}")')
         version = data.get('format_version')
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise BankError(f'{source} has no valid format_version ({version!r}); regenerate or re-download the bank')
+        if version > FORMAT_VERSION:
             raise BankError(
                 f'{source} has bank format version {version}, newer than this timm-ferkd '
                 f'({__version__}, format {FORMAT_VERSION}): upgrade with `pip install -U timm-ferkd`')
+        # the schema lives with the other checks; imported here since it needs these classes
+        from timm_ferkd.bank.validate import validate_manifest
+        validate_manifest(data, source)
         try:
             data = dict(data)
             teacher = dict(data['teacher'])
             for key in ('input_size', 'mean', 'std'):
-                teacher[key] = tuple(teacher[key])
+                if key in teacher:
+                    teacher[key] = tuple(teacher[key])
             data['teacher'] = TeacherInfo(**teacher)
             data['dataset'] = DatasetIdentity(**data['dataset'])
             data['shards'] = [ShardRecord(**s) for s in data.get('shards', [])]
@@ -190,7 +196,9 @@ class BankManifest:
                 f'(or an unfinished one: rerun the same generate command to complete it)')
         try:
             data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except OSError as e:
+            raise BankError(f'cannot read {path}: {e.strerror}') from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise BankError(f'{path} is not valid JSON ({e}); the bank is corrupt, regenerate or re-download it') from None
         return cls.from_dict(data, source=str(path))
 
@@ -218,7 +226,8 @@ def read_safetensors_header(path: os.PathLike) -> Tuple[Dict[str, Any], int]:
     if len(raw) < length:
         raise BankError(f'shard {path} is truncated (header cut short); regenerate or re-download it')
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        # safetensors headers are UTF-8 (json.loads of bytes would also accept UTF-16 and UTF-32)
+        header = json.loads(raw.decode('utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise BankError(f'shard {path} has a corrupt safetensors header; regenerate or re-download it') from None
     return header, 8 + length

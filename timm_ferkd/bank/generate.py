@@ -8,12 +8,13 @@ same command skips recorded shards and redoes the rest.
 """
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,14 +28,18 @@ from timm_ferkd.bank.format import (
 from timm_ferkd.bank.codes import label_storage, label_tensors
 from timm_ferkd.bank.labels import LABEL_TYPES, stored_k, top_values
 from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, check_region_params, replay_region
+from timm_ferkd.bank.validate import shard_metadata
 from timm_ferkd.bank.writer import atomic_write_bytes, finished_shards, sha256_file, write_shard
 from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans, stats_for_chans
 from timm_ferkd.errors import BankError, ConfigError
 
-__all__ = ['GenerateConfig', 'generate_bank', 'pil_interpolation']
+__all__ = ['GenerateConfig', 'generate_bank', 'pil_interpolation', 'resume_settings', 'BYTE_NEUTRAL_OPTIONS']
 
 _logger = logging.getLogger(__name__)
 _SETTINGS_NAME = 'generation.json'
+# GenerateConfig fields that change no byte of the shards (the dataset options only choose the images,
+# which the manifest's dataset identity records). Every other field is in ``resume_settings``.
+BYTE_NEUTRAL_OPTIONS = ('output', 'data_dir', 'download', 'extra_dataset_kwargs', 'workers', 'progress')
 
 _PIL_INTERPOLATION = {
     'nearest': Image.Resampling.NEAREST, 'bilinear': Image.Resampling.BILINEAR,
@@ -98,26 +103,43 @@ class GenerateConfig:
 
     def check(self) -> None:
         """Raise ``ConfigError`` for option values that cannot work, before anything is written."""
+        for name in ('scale', 'ratio'):
+            if not all(math.isfinite(v) for v in getattr(self, name)):
+                raise ConfigError(f'--{name} {tuple(getattr(self, name))} must be finite')
         check_region_params(self.scale, self.ratio, self.regions)
         if self.label_type not in LABEL_TYPES:
             raise ConfigError(f'unknown --label-type {self.label_type!r}; choose one of {", ".join(LABEL_TYPES)}')
         label_storage(2, self.label_type, self.value_dtype)  # refuses unknown dtypes and uint8 'full' labels
-        if self.temperature <= 0:
-            raise ConfigError(f'--temperature {self.temperature} must be > 0')
-        if self.fnkd_tau is not None and self.fnkd_tau <= 0:
-            raise ConfigError(f'--fnkd-tau {self.fnkd_tau} must be > 0')
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f'--temperature {self.temperature} must be a finite number > 0')
+        if self.fnkd_tau is not None and not (math.isfinite(self.fnkd_tau) and self.fnkd_tau > 0):
+            raise ConfigError(f'--fnkd-tau {self.fnkd_tau} must be a finite number > 0')
+        if self.mean is not None and not all(math.isfinite(v) for v in self.mean):
+            raise ConfigError(f'--mean {tuple(self.mean)} must be finite')
+        if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise ConfigError(f'--std {tuple(self.std)} must be finite and > 0 (the teacher input is divided by it)')
+        if self.input_size is not None and (len(self.input_size) != 3 or min(self.input_size) < 1):
+            raise ConfigError(f'--input-size {tuple(self.input_size)} must be three positive integers C H W')
         if self.topk < 1:
             raise ConfigError(f'--topk {self.topk} must be >= 1')
         if self.batch_size < 1 or self.workers < 0 or self.images_per_shard < 1:
             raise ConfigError('--batch-size and --images-per-shard must be >= 1, --workers >= 0')
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f'--num-classes {self.num_classes} must be >= 1')
         if self.num_images is not None and self.num_images < 1:
             raise ConfigError(f'--num-images {self.num_images} must be >= 1')
-        if self.seed < 0:
-            raise ConfigError(f'--seed {self.seed} must be >= 0')
+        if not 0 <= self.seed < 1 << 64:
+            raise ConfigError(f'--seed {self.seed} must lie in [0, 2**64)')
         if self.checkpoint is not None and not os.path.isfile(self.checkpoint):
             raise ConfigError(f'--checkpoint {self.checkpoint} does not exist')
         if self.amp_dtype not in ('bfloat16', 'float16'):
             raise ConfigError(f'--amp-dtype {self.amp_dtype!r} must be bfloat16 or float16')
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f'unknown --device {self.device!r}; use cpu, cuda or cuda:N') from None
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise ConfigError(f'--device {self.device}: CUDA is not available here; use --device cpu')
 
 
 class _CropDataset(Dataset):
@@ -217,21 +239,61 @@ def _teacher_info(cfg: GenerateConfig, model) -> TeacherInfo:
     )
 
 
-def _check_output(out: Path, manifest: BankManifest) -> None:
+def resume_settings(cfg: GenerateConfig, manifest: BankManifest) -> dict:
+    """What a rerun must share with the run that started a bank (``generation.json``).
+
+    The manifest's settings, plus the execution options that change the shards' bytes: device type,
+    mixed precision and its dtype, crops per forward, and channels-last on CUDA. Only the options in
+    ``BYTE_NEUTRAL_OPTIONS`` are left out, so a resume never mixes labels of another precision.
+
+    Args:
+        cfg: Generation options.
+        manifest: The bank's manifest (its settings).
+
+    Returns:
+        JSON-normalised settings.
+    """
+    device = torch.device(cfg.device).type
+    execution = {
+        'device': device, 'amp': cfg.amp, 'amp_dtype': cfg.amp_dtype if cfg.amp else None,
+        'batch_size': cfg.batch_size, 'channels_last': cfg.channels_last and device == 'cuda',
+    }
+    return json.loads(json.dumps(dict(manifest.settings(), execution=execution)))
+
+
+def _check_output(out: Path, current: dict) -> None:
     """Refuse to mix two different generations in one directory."""
     settings_path = out / _SETTINGS_NAME
     if out.exists() and not out.is_dir():
         raise ConfigError(f'--output {out} exists and is not a directory')
     if settings_path.is_file():
-        previous = json.loads(settings_path.read_text())
-        current = json.loads(json.dumps(manifest.settings()))
-        diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        try:
+            previous = json.loads(settings_path.read_text())
+        except (OSError, ValueError, RecursionError):
+            previous = None
+        if not isinstance(previous, dict):
+            raise ConfigError(f'--output {out} has a corrupt {_SETTINGS_NAME}, so it cannot be resumed; delete '
+                              f'{out} or choose another --output')
+        diff = _differing(previous, current)
         if diff:
+            shown = '; '.join(f'{k}: {json.dumps(a)} then, {json.dumps(b)} now' for k, a, b in diff[:3])
             raise ConfigError(
-                f'--output {out} holds a bank generated with other settings ({", ".join(diff)} differ); '
-                f'rerun with the original flags to resume it, or choose another --output')
+                f'--output {out} holds a bank generated with other settings ({", ".join(k for k, _, _ in diff)} '
+                f'differ; {shown}); rerun with the original flags to resume it, or choose another --output')
     elif out.is_dir() and any(out.iterdir()):
         raise ConfigError(f'--output {out} is not empty and holds no bank generation; choose another --output')
+
+
+def _differing(previous: dict, current: dict, prefix: str = '') -> List[Tuple[str, Any, Any]]:
+    """(dotted key, previous value, current value) of every setting that differs."""
+    out = []
+    for key in sorted(set(previous) | set(current)):
+        a, b = previous.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing(a, b, f'{prefix}{key}.')
+        elif a != b:
+            out.append((prefix + key, a, b))
+    return out
 
 
 def generate_bank(cfg: GenerateConfig) -> Path:
@@ -269,21 +331,43 @@ def generate_bank(cfg: GenerateConfig) -> Path:
         index_dtype=storage.index_dtype, value_dtype=storage.value_dtype, format_version=storage.format_version,
     )
     out = Path(cfg.output)
-    _check_output(out, manifest)
+    settings = resume_settings(cfg, manifest)
+    _check_output(out, settings)
     if world > 1:
         dist.barrier()
+    created = not out.exists()
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / _SETTINGS_NAME).is_file():
-            atomic_write_bytes(out / _SETTINGS_NAME, json.dumps(manifest.settings(), indent=2).encode())
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f'cannot create --output {out}: {e.strerror}') from None
     if world > 1:
         dist.barrier()
+    try:
+        _generate(cfg, manifest, settings, source, model, teacher, device, out, rank, world)
+    except BaseException:
+        if world == 1:
+            _discard_unfinished(out, manifest, created)
+        raise
+    return out
 
+
+def _discard_unfinished(out: Path, manifest: BankManifest, created: bool) -> None:
+    """After a failure before any shard was finished, leave no file (and no directory we made) behind."""
+    if finished_shards(out, manifest):
+        return  # finished shards stay: the same command resumes them
+    for path in [out / _SETTINGS_NAME, *out.glob('shard-*.safetensors*')]:
+        path.unlink(missing_ok=True)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _generate(cfg, manifest, settings, source, model, teacher, device, out: Path, rank: int, world: int) -> None:
     done = finished_shards(out, manifest)
     todo = [s for s in range(manifest.num_shards) if s % world == rank and s not in done]
     if rank == 0 and done:
         _logger.info(f'resuming: {len(done)} of {manifest.num_shards} shards already done')
-    _label_shards(cfg, manifest, source, model, teacher, device, out, todo, rank, world)
+    _label_shards(cfg, manifest, settings, source, model, teacher, device, out, todo, rank, world)
 
     if world > 1:
         dist.barrier()
@@ -297,10 +381,9 @@ def generate_bank(cfg: GenerateConfig) -> Path:
         atomic_write_bytes(out / MANIFEST_NAME, manifest.to_json().encode())
     if world > 1:
         dist.barrier()
-    return out
 
 
-def _label_shards(cfg, manifest, source, model, teacher: TeacherInfo, device, out, todo, rank, world) -> None:
+def _label_shards(cfg, manifest, settings, source, model, teacher: TeacherInfo, device, out, todo, rank, world) -> None:
     size = tuple(teacher.input_size[1:])
     sampler = RegionSampler(seed=cfg.seed, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio))
     crops = _CropDataset(source, sampler, cfg.regions, size, pil_interpolation(teacher.interpolation))
@@ -363,7 +446,11 @@ def _label_shards(cfg, manifest, source, model, teacher: TeacherInfo, device, ou
         shard_index, (first, count) = current
         if meta and meta[-1][0] == first + count - 1:
             flush(final=True)
-            _write(out, manifest, shard_index, first, meta, torch.cat(probs_out), cfg.label_type)
+            probs = torch.cat(probs_out)
+            _check_finite(probs, meta, cfg)
+            if not (out / _SETTINGS_NAME).is_file():  # written with the first shard: a failure before leaves nothing
+                atomic_write_bytes(out / _SETTINGS_NAME, json.dumps(settings, indent=2).encode())
+            _write(out, manifest, shard_index, first, meta, probs, cfg.label_type)
             labelled += count
             probs_out.clear()
             meta = []
@@ -380,6 +467,18 @@ def _label_shards(cfg, manifest, source, model, teacher: TeacherInfo, device, ou
                      f'{labelled / elapsed:.1f} img/s, {labelled * cfg.regions / elapsed:.0f} regions/s')
 
 
+def _check_finite(probs: torch.Tensor, meta, cfg: GenerateConfig) -> None:
+    """Refuse NaN or inf teacher outputs: they would make a bank that trains on nothing."""
+    bad = ~torch.isfinite(probs).all(dim=1)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        image, region = meta[row // cfg.regions][0], row % cfg.regions
+        hint = ', or drop --amp (float16 overflows)' if cfg.amp else ''
+        raise ConfigError(
+            f'the teacher gave non-finite outputs (NaN or inf) for image {image} (region {region}); check the '
+            f'--checkpoint weights, --mean/--std and --temperature{hint}')
+
+
 def _write(out: Path, manifest: BankManifest, shard_index: int, first: int, meta, probs: torch.Tensor,
            label_type: str) -> ShardRecord:
     n, r, k = len(meta), manifest.regions_per_image, manifest.topk
@@ -391,4 +490,4 @@ def _write(out: Path, manifest: BankManifest, shard_index: int, first: int, meta
     storage = label_storage(manifest.num_classes, label_type, manifest.value_dtype)
     tensors.update(label_tensors(None if indices is None else indices.reshape(n, r, k), values.reshape(n, r, k),
                                  storage))
-    return write_shard(out, shard_index, first, tensors)
+    return write_shard(out, shard_index, first, tensors, metadata=shard_metadata(manifest, shard_index))

@@ -31,7 +31,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 
 from timm_ferkd.bank.format import MANIFEST_NAME, BankManifest
 from timm_ferkd.bank.writer import sha256_file
-from timm_ferkd.errors import BankError, HubError
+from timm_ferkd.errors import BankError, ConfigError, HubError
 
 __all__ = [
     'HF_HUB_PREFIX', 'REPO_TYPE', 'HubBank', 'PushResult', 'parse_hub_name', 'is_hub_name', 'resolved_revision',
@@ -348,6 +348,8 @@ def pull_bank(
     """
     repo_id, revision = parse_hub_name(name)
     display = _display(repo_id, revision)
+    if local_dir is not None and Path(local_dir).exists() and not Path(local_dir).is_dir():
+        raise ConfigError(f'--local-dir {local_dir} exists and is not a directory; choose a directory')
     with _hub_errors(repo_id, revision):
         commit = _resolve_commit(repo_id, revision, cache_dir)
         manifest_path = _download(repo_id, MANIFEST_NAME, commit, local_dir, cache_dir, force_download)
@@ -452,7 +454,8 @@ def push_bank(
         revision: Branch to push to (created from the default branch when missing).
         license: License id for the card (``other`` when unknown; the dataset's license binds the labels).
         commit_message: Message of the last commit.
-        verify: Check every shard's sha256 before uploading.
+        verify: Check every shard's sha256 and the values of every image before uploading (otherwise
+            the quick check: headers and a sample of images).
 
     Returns:
         The repo, branch and commit of the published bank.
@@ -469,7 +472,7 @@ def push_bank(
     bank_dir = Path(bank_dir)
     bank = SoftLabelBank(bank_dir, validate=True)
     if verify:
-        bank.verify_checksums()
+        bank.validate(full=True)
     manifest = bank.manifest
     shard_files = [r.file for r in manifest.shards]
     card = bank_card(manifest, repo_id, revision=revision, license=license, bytes_on_disk=bank.bytes_on_disk())

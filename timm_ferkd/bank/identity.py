@@ -1,5 +1,6 @@
-"""Dataset identity: which images, in which order, with which targets a bank belongs to."""
+"""Dataset identity (which images, in which order, with which targets a bank belongs to) and bank identity."""
 import hashlib
+import json
 import logging
 from typing import Any, Optional
 
@@ -8,7 +9,7 @@ import numpy as np
 from timm_ferkd.bank.format import BankManifest, DatasetIdentity
 from timm_ferkd.errors import BankMismatchError
 
-__all__ = ['dataset_targets', 'dataset_identity', 'check_bank_matches']
+__all__ = ['dataset_targets', 'dataset_identity', 'check_bank_matches', 'bank_fingerprint']
 
 _logger = logging.getLogger(__name__)
 
@@ -105,3 +106,20 @@ def check_bank_matches(manifest: BankManifest, identity: DatasetIdentity, num_cl
         raise BankMismatchError(
             f'the bank has {manifest.num_classes} classes but the model has {num_classes}: '
             f'set --num-classes {manifest.num_classes} or use a bank made for {num_classes} classes')
+
+
+def bank_fingerprint(manifest: BankManifest) -> str:
+    """Identity of a bank's labels: sha256 of its settings and of its shards' records (sizes, sha256s).
+
+    Copies of one bank (a local directory, the same bank pulled from the Hub) share it; the time of
+    generation and the package version do not enter it. Training records it in its checkpoints, so a
+    resume with another bank is noticed.
+
+    Args:
+        manifest: The bank's manifest.
+
+    Returns:
+        ``'sha256:<hex>'``.
+    """
+    content = {'settings': manifest.settings(), 'shards': [vars(r) for r in manifest.shards]}
+    return 'sha256:' + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

@@ -1,4 +1,5 @@
 """Memory-mapped bank reader: one image's regions in O(1), safe in DataLoader workers."""
+import json
 import mmap
 import os
 from dataclasses import dataclass
@@ -9,10 +10,11 @@ import numpy as np
 import torch
 
 from timm_ferkd.bank.format import (
-    EXPLICIT_SAMPLER, MANIFEST_NAME, SAFETENSORS_DTYPES, BankManifest, read_safetensors_header)
+    EXPLICIT_SAMPLER, MANIFEST_NAME, SAFETENSORS_DTYPES, BankManifest, ShardRecord, read_safetensors_header)
 from timm_ferkd.bank.codes import decode_values, packed_row_bytes, storage_of, unpack_indices
 from timm_ferkd.bank.labels import dense_targets, index_dtype
 from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, Regions, explicit_regions
+from timm_ferkd.bank.validate import check_safetensors_header, check_shard_metadata, check_shard_values, sample_rows
 from timm_ferkd.bank.writer import sha256_file
 from timm_ferkd.errors import BankError
 
@@ -43,8 +45,9 @@ def _expected_shapes(manifest: BankManifest, num_images: int) -> Dict[str, Tuple
 class _Shard:
     """Lazily memory-mapped arrays of one shard file."""
 
-    def __init__(self, path: Path, manifest: BankManifest, num_images: int, expected_bytes: int):
+    def __init__(self, path: Path, manifest: BankManifest, record: ShardRecord, settings: Dict):
         self.path = path
+        num_images, expected_bytes = record.num_images, record.bytes
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -54,6 +57,8 @@ class _Shard:
                 f'shard {path} has {size} bytes, the manifest says {expected_bytes}: it is truncated or '
                 f'corrupt; re-download the bank or regenerate it')
         header, data_start = read_safetensors_header(path)
+        check_safetensors_header(header, size - data_start, path)
+        check_shard_metadata(header, settings, record, path)
         with open(path, 'rb') as f:
             # plain ndarrays over one read-only mapping: indexing them is cheaper than np.memmap's
             self._mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -65,10 +70,8 @@ class _Shard:
                 raise BankError(
                     f'shard {path}: tensor {name!r} should be {shape} {dtype}, found {found}; '
                     f'the shard does not belong to this manifest, regenerate or re-download the bank')
-            begin, end = info['data_offsets']
+            begin = info['data_offsets'][0]  # offsets and sizes checked with the header
             np_dtype = np.dtype(SAFETENSORS_DTYPES[dtype])
-            if end - begin != int(np.prod(shape)) * np_dtype.itemsize or data_start + end > size:
-                raise BankError(f'shard {path}: tensor {name!r} has corrupt offsets; regenerate or re-download it')
             self.arrays[name] = np.frombuffer(
                 self._mapping, dtype=np_dtype, count=int(np.prod(shape)), offset=data_start + begin).reshape(shape)
 
@@ -99,7 +102,8 @@ class SoftLabelBank:
 
     Args:
         path: Bank directory (containing ``manifest.json``).
-        validate: Open and check every shard's header and size now instead of on first use.
+        validate: Check every shard now (size, header, the values of a sample of its images) instead of
+            on first use; :meth:`validate` with ``full=True`` checks everything (see ``timm_ferkd.bank.validate``).
 
     Example:
         >>> bank = SoftLabelBank('labels/fmnist-resnet')
@@ -122,11 +126,12 @@ class SoftLabelBank:
         self.sampler = RegionSampler(seed=m.seed, scale=m.scale, ratio=m.ratio, flip_prob=m.flip_prob)
         self.storage = storage_of(m)
         self._codes = self.storage.value_dtype == 'uint8'
+        self._settings = json.loads(json.dumps(m.settings()))
+        self._checked = np.zeros(m.num_images, dtype=bool)  # images whose values passed the check
         self._shards: Dict[int, _Shard] = {}
         self._pid = os.getpid()
         if validate:
-            for s in range(m.num_shards):
-                self._shard(s)
+            self.validate(full=False)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -156,7 +161,7 @@ class SoftLabelBank:
         shard = self._shards.get(shard_index)
         if shard is None:
             record = self.manifest.shards[shard_index]
-            shard = _Shard(self.path / record.file, self.manifest, record.num_images, record.bytes)
+            shard = _Shard(self.path / record.file, self.manifest, record, self._settings)
             self._shards[shard_index] = shard
         return shard
 
@@ -164,7 +169,12 @@ class SoftLabelBank:
         if not 0 <= image_index < self.manifest.num_images:
             raise IndexError(f'image {image_index} outside the bank (0..{self.manifest.num_images - 1})')
         shard_index, offset = divmod(image_index, self.manifest.images_per_shard)
-        return self._shard(shard_index), offset
+        shard = self._shard(shard_index)
+        if not self._checked[image_index]:
+            # every read is of an image whose stored rows passed the value check, once per process
+            check_shard_values(shard.arrays, self.manifest, image_index - offset, str(shard.path), rows=[offset])
+            self._checked[image_index] = True
+        return shard, offset
 
     def image_size(self, image_index: int) -> Tuple[int, int]:
         """Decoded (height, width) of an image when the bank was generated."""
@@ -289,7 +299,31 @@ class SoftLabelBank:
                 out.append(values.max(axis=2))
             else:
                 out.append(decode_values(values[:, :, :1])[:, :, 0] if self._codes else values[:, :, 0])
-        return np.concatenate(out).astype(np.float32)
+        max_probs = np.concatenate(out).astype(np.float32)
+        bad = ~((max_probs >= 0) & (max_probs <= 1))  # NaN fails both comparisons
+        if bad.any():
+            image, region = (int(v[0]) for v in np.nonzero(bad))
+            path = self._shard(image // self.manifest.images_per_shard).path
+            raise BankError(f'shard {path}: image {image} region {region} has max probability '
+                            f'{max_probs[image, region]}, outside [0, 1]; the bank is corrupt: regenerate or '
+                            f're-download it')
+        return max_probs
+
+    def validate(self, full: bool = False) -> None:
+        """Check the bank; raise ``BankError`` naming the first problem.
+
+        Args:
+            full: Recompute every shard's sha256 and check the values of every image; otherwise open
+                every shard (size, header, settings) and check the values of a sample of its images.
+        """
+        for s, record in enumerate(self.manifest.shards):
+            shard = self._shard(s)
+            if full:
+                self._verify_checksum(record)
+            rows = list(range(record.num_images)) if full else sample_rows(record.num_images)
+            check_shard_values(shard.arrays, self.manifest, record.first_image, str(shard.path),
+                               rows=None if full else rows)
+            self._checked[record.first_image + np.asarray(rows, dtype=np.int64)] = True
 
     def all_top_classes(self) -> np.ndarray:
         """int64 [num_images, R]: the teacher's argmax class of every region."""
@@ -312,11 +346,13 @@ class SoftLabelBank:
         """Recompute every shard's sha256 and compare it with the manifest; raise ``BankError`` on mismatch."""
         for s, record in enumerate(self.manifest.shards):
             self._shard(s)
-            digest = sha256_file(self.path / record.file)
-            if digest != record.sha256:
-                raise BankError(
-                    f'shard {self.path / record.file} fails its sha256 check (corrupt); '
-                    f're-download the bank or regenerate it')
+            self._verify_checksum(record)
+
+    def _verify_checksum(self, record: ShardRecord) -> None:
+        if sha256_file(self.path / record.file) != record.sha256:
+            raise BankError(
+                f'shard {self.path / record.file} fails its sha256 check (corrupt); '
+                f're-download the bank or regenerate it')
 
     def bytes_on_disk(self) -> int:
         """Size of the manifest plus all shards."""
@@ -328,7 +364,7 @@ def open_bank(name: Union[str, os.PathLike], validate: bool = False) -> SoftLabe
 
     Args:
         name: Local bank directory, or a Hub dataset repo with timm's ``hf-hub:`` prefix.
-        validate: Check every shard's header and size now.
+        validate: Check every shard now (``SoftLabelBank(validate=True)``).
 
     Returns:
         The bank.

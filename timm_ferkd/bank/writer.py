@@ -10,6 +10,7 @@ import numpy as np
 from safetensors.numpy import save
 
 from timm_ferkd.bank.format import BankManifest, ShardRecord, shard_file_name
+from timm_ferkd.errors import BankError
 
 __all__ = ['atomic_write_bytes', 'sha256_file', 'write_shard', 'shard_record_path', 'finished_shards']
 
@@ -27,19 +28,26 @@ def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
     Args:
         path: Destination.
         data: Bytes to write.
+
+    Raises:
+        BankError: The file cannot be written (disk full, no permission); nothing is left behind.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; banks are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise BankError(f'cannot write {path}: {e.strerror or e}; free disk space or fix the permissions, '
+                            f'then rerun the same command') from None
         raise
 
 
@@ -109,10 +117,13 @@ def finished_shards(bank_dir: os.PathLike, manifest: BankManifest) -> Dict[int, 
     for s in range(manifest.num_shards):
         try:
             record = ShardRecord(**json.loads(shard_record_path(bank_dir, s).read_text()))
-        except (OSError, json.JSONDecodeError, TypeError):
+        except (OSError, ValueError, TypeError, RecursionError):  # unreadable: redo the shard
+            continue
+        # a record is trusted only in the exact form the writer gives it
+        if record.file != shard_file_name(s) or (record.first_image, record.num_images) != manifest.shard_range(s) \
+                or not isinstance(record.bytes, int) or not isinstance(record.sha256, str):
             continue
         path = Path(bank_dir) / record.file
-        if path.is_file() and path.stat().st_size == record.bytes and \
-                (record.first_image, record.num_images) == manifest.shard_range(s):
+        if path.is_file() and path.stat().st_size == record.bytes:
             done[s] = record
     return done

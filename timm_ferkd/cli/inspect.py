@@ -1,6 +1,7 @@
 """``timm-ferkd inspect``: what a bank holds and how confident its teacher was."""
 import argparse
 import json
+import os
 
 from timm_ferkd.bank.inspect import plot_max_prob_histogram, summarize_bank
 from timm_ferkd.bank.reader import open_bank
@@ -53,12 +54,19 @@ def _plot_gallery(bank, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    bank = open_bank(args.bank)
+    if args.bins < 1:
+        raise ConfigError(f'--bins {args.bins} must be >= 1')
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        raise ConfigError(f'--plot {args.plot}: directory {os.path.dirname(os.path.abspath(args.plot))} does not exist')
+    bank = open_bank(args.bank, validate=True)
     summary = summarize_bank(bank, bins=args.bins)
-    if args.show_regions is not None:
-        summary['region_gallery'] = _plot_gallery(bank, args)
-    elif args.plot:
-        plot_max_prob_histogram(summary, args.plot)
+    try:
+        if args.show_regions is not None:
+            summary['region_gallery'] = _plot_gallery(bank, args)
+        elif args.plot:
+            plot_max_prob_histogram(summary, args.plot)
+    except OSError as e:
+        raise ConfigError(f'cannot write --plot {args.plot}: {e.strerror or e}') from None
     if args.json:
         print(json.dumps(summary))
         return 0

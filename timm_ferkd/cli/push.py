@@ -16,7 +16,8 @@ def register(subparsers) -> None:
     p.add_argument('--revision', default=None, metavar='BRANCH', help='branch to push to (created when missing)')
     p.add_argument('--license', default='other', help='license id for the dataset card (default: other)')
     p.add_argument('--commit-message', default=None, metavar='MSG')
-    p.add_argument('--no-verify', dest='verify', action='store_false', help='skip the sha256 check before upload')
+    p.add_argument('--no-verify', dest='verify', action='store_false',
+                   help='check headers and a sample of images before upload instead of every sha256 and value')
     p.set_defaults(func=run)
 
 
