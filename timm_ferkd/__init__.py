@@ -14,10 +14,10 @@ from timm_ferkd.version import __version__
 
 _LAZY = {
     'SoftLabelBank': 'timm_ferkd.bank.reader',
-    'open_bank': 'timm_ferkd.bank.reader',
+    'open_bank': 'timm_ferkd.bank.hub',
     'RegionSampler': 'timm_ferkd.bank.regions',
-    'GenerateConfig': 'timm_ferkd.bank.generate',
-    'generate_bank': 'timm_ferkd.bank.generate',
+    'GenerateConfig': 'timm_ferkd.labelling.generate',
+    'generate_bank': 'timm_ferkd.labelling.generate',
     'pull_bank': 'timm_ferkd.bank.hub',
     'push_bank': 'timm_ferkd.bank.hub',
     'resolve_bank': 'timm_ferkd.bank.hub',

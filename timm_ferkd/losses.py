@@ -35,6 +35,7 @@ from timm_ferkd.errors import ConfigError
 
 __all__ = [
     'DISTILL_LOSS_TYPES',
+    'DISTILL_LOSS_CLASSES',
     'ONLINE_DISTILL_LOSS_TYPES',
     'DistillLoss',
     'SoftTargetCrossEntropy',
@@ -50,7 +51,6 @@ __all__ = [
     'feature_normalized_logits',
 ]
 
-DISTILL_LOSS_TYPES: Tuple[str, ...] = ('soft_ce', 'ferkd', 'kd', 'dtd', 'fnkd')
 # Losses that can take their teacher from a teacher running in the loop.
 ONLINE_DISTILL_LOSS_TYPES: Tuple[str, ...] = ('kd', 'dtd', 'fnkd')
 
@@ -654,13 +654,15 @@ class FNKDLoss(DistillLoss):
         return {'loss': loss, 'ce': ce, 'fnkd': fnkd}
 
 
-_LOSS_CLASSES = {
+# the one list of loss names: train_ferkd.py's --distill-loss, registration and create_distill_loss use it
+DISTILL_LOSS_CLASSES: Dict[str, type] = {
     'soft_ce': SoftTargetCrossEntropy,
     'ferkd': FerKDLoss,
     'kd': KDLoss,
     'dtd': DTDLoss,
     'fnkd': FNKDLoss,
 }
+DISTILL_LOSS_TYPES: Tuple[str, ...] = tuple(DISTILL_LOSS_CLASSES)
 
 
 def create_distill_loss(name: str, **kwargs) -> nn.Module:
@@ -678,9 +680,9 @@ def create_distill_loss(name: str, **kwargs) -> nn.Module:
         ValueError: Unknown name, or an invalid argument value (e.g. a temperature <= 0).
     """
     key = name.lower().replace('-', '_')
-    if key not in _LOSS_CLASSES:
+    if key not in DISTILL_LOSS_CLASSES:
         raise ConfigError(f'Unknown distillation loss {name!r}; valid: {", ".join(DISTILL_LOSS_TYPES)}.')
-    loss_cls = _LOSS_CLASSES[key]
+    loss_cls = DISTILL_LOSS_CLASSES[key]
     try:
         return loss_cls(**kwargs)
     except TypeError as e:
