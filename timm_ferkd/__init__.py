@@ -25,7 +25,6 @@ _LAZY = {
     'RegionDataset': 'timm_ferkd.data.dataset',
     'create_region_loader': 'timm_ferkd.data.loader',
     'create_selfmix': 'timm_ferkd.data.mixing',
-    'create_soft_mixup': 'timm_ferkd.data.mixing',
     'CalibrationConfig': 'timm_ferkd.data.calibration',
     'create_label_transform': 'timm_ferkd.data.calibration',
     'create_distill_loss': 'timm_ferkd.losses',
