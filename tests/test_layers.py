@@ -92,3 +92,12 @@ def test_layers_go_one_way(importer, forbidden):
     bad = sorted(f'{m} -> {t}' for m, targets in _import_graph().items() if _within(m, importer)
                  for t in targets if any(_within(t, f) for f in forbidden))
     assert not bad, 'imports against the layers: ' + ', '.join(bad)
+
+
+@pytest.mark.parametrize('package', ['timm_ferkd', 'timm_ferkd.bank', 'timm_ferkd.data', 'timm_ferkd.labelling'])
+def test_public_names_resolve(package):
+    import importlib
+    module = importlib.import_module(package)
+    assert set(module.__all__) <= set(dir(module))
+    for name in module.__all__:
+        assert getattr(module, name) is not None

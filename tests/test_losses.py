@@ -12,7 +12,7 @@ from timm_ferkd.losses import (
     FerKDLoss,
     FNKDLoss,
     KDLoss,
-    SoftTargetCrossEntropy,
+    SoftRegionCrossEntropy,
     create_distill_loss,
     feature_normalized_logits,
     make_target,
@@ -80,7 +80,7 @@ def test_soft_ce_hand_values():
 
     row0 = 0.5 * math.log(4) + 0.5 * math.log(4 / 3)  # = 0.5 ln(16/3) = 0.83698...
     row1 = math.log(4 / 3)  # = 0.28768...
-    out = SoftTargetCrossEntropy()(logits, target)
+    out = SoftRegionCrossEntropy()(logits, target)
     # FKD reference reduction: batch mean of the weighted rows
     assert out['loss'].item() == pytest.approx((row0 + 0.5 * row1) / 2, abs=1e-6)
     assert out['loss'].item() == pytest.approx(0.49041, abs=1e-5)
@@ -89,7 +89,7 @@ def test_soft_ce_hand_values():
     s3 = math.sqrt(3.0)
     row0_t2 = 0.5 * math.log(1 + s3) + 0.5 * math.log((1 + s3) / s3)
     row1_t2 = math.log((1 + s3) / s3)
-    out = SoftTargetCrossEntropy(temperature=2.0)(logits, target)
+    out = SoftRegionCrossEntropy(temperature=2.0)(logits, target)
     assert out['loss'].item() == pytest.approx((row0_t2 + 0.5 * row1_t2) / 2, abs=1e-6)
 
 
@@ -116,7 +116,7 @@ def test_ferkd_all_discarded_is_zero_not_nan():
 def test_soft_ce_matches_timm_without_weights():
     from timm.loss import SoftTargetCrossEntropy as TimmSoftTargetCrossEntropy
     logits, target, *_ = _batch()
-    ours = SoftTargetCrossEntropy()(logits, target)['loss']
+    ours = SoftRegionCrossEntropy()(logits, target)['loss']
     assert torch.allclose(ours, TimmSoftTargetCrossEntropy()(logits, target['soft']))
     assert torch.allclose(ours, FerKDLoss()(logits, target)['loss'])
 
@@ -327,12 +327,12 @@ def test_gradients_finite_and_zero_weight_crop_has_zero_grad(name, kwargs):
 def test_factory_names_and_attributes():
     assert DISTILL_LOSS_TYPES == ('soft_ce', 'ferkd', 'kd', 'dtd', 'fnkd')
     expected = {
-        'soft_ce': SoftTargetCrossEntropy, 'ferkd': FerKDLoss, 'kd': KDLoss, 'dtd': DTDLoss, 'fnkd': FNKDLoss}
+        'soft_ce': SoftRegionCrossEntropy, 'ferkd': FerKDLoss, 'kd': KDLoss, 'dtd': DTDLoss, 'fnkd': FNKDLoss}
     for name in DISTILL_LOSS_TYPES:
         loss = create_distill_loss(name)
         assert type(loss) is expected[name]
         assert isinstance(loss.needs_features, bool) and isinstance(loss.needs_teacher, bool)
-    assert isinstance(create_distill_loss('Soft-CE'), SoftTargetCrossEntropy)
+    assert isinstance(create_distill_loss('Soft-CE'), SoftRegionCrossEntropy)
 
 
 def test_factory_errors():

@@ -38,7 +38,7 @@ __all__ = [
     'DISTILL_LOSS_CLASSES',
     'ONLINE_DISTILL_LOSS_TYPES',
     'DistillLoss',
-    'SoftTargetCrossEntropy',
+    'SoftRegionCrossEntropy',
     'FerKDLoss',
     'KDLoss',
     'DTDLoss',
@@ -252,7 +252,7 @@ class DistillLoss(nn.Module):
             raise ValueError(f'{name} was built with online=True and needs teacher_features.')
 
 
-class SoftTargetCrossEntropy(DistillLoss):
+class SoftRegionCrossEntropy(DistillLoss):
     """FKD's soft-target cross-entropy with a student temperature and per-crop weights.
 
     ``L = 1/B sum_i w_i * (-sum_c q_ic log softmax(z_i / T)_c)``
@@ -297,7 +297,7 @@ class SoftTargetCrossEntropy(DistillLoss):
         return {'loss': loss, 'soft_ce': loss}
 
 
-class FerKDLoss(SoftTargetCrossEntropy):
+class FerKDLoss(SoftRegionCrossEntropy):
     """FerKD objective: soft CE against the adapted label, averaged over kept crops.
 
     ``L = sum_i w_i H(y_a,i, softmax(z_i / T)) / max(sum_i w_i, eps)``
@@ -639,7 +639,7 @@ class FNKDLoss(DistillLoss):
 
 # the one list of loss names: train_ferkd.py's --distill-loss, registration and create_distill_loss use it
 DISTILL_LOSS_CLASSES: Dict[str, type] = {
-    'soft_ce': SoftTargetCrossEntropy,
+    'soft_ce': SoftRegionCrossEntropy,
     'ferkd': FerKDLoss,
     'kd': KDLoss,
     'dtd': DTDLoss,

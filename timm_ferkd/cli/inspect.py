@@ -3,7 +3,7 @@ import argparse
 import json
 
 from timm_ferkd.bank.hub import open_bank
-from timm_ferkd.bank.inspect import plot_max_prob_histogram, summarize_bank
+from timm_ferkd.bank.summary import plot_max_prob_histogram, summarize_bank
 from timm_ferkd.errors import ConfigError
 
 
