@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from timm_ferkd.losses import (
@@ -14,7 +13,6 @@ from timm_ferkd.losses import (
     KDLoss,
     SoftRegionCrossEntropy,
     create_distill_loss,
-    feature_normalized_logits,
     make_target,
     probability_shift,
     retemper,
