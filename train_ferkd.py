@@ -19,6 +19,7 @@ Launch with ``torchrun --nproc_per_node=N train_ferkd.py ...`` for distributed t
 torchrun's own ``--nnodes``/``--rdzv-*`` arguments); CPU runs use the gloo backend.
 """
 import argparse
+import inspect
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ import torch.nn as nn
 import yaml
 
 from timm.data import create_loader, resolve_data_config, Mixup
-from timm.models import create_model, safe_model_name
+from timm.models import create_model, is_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint
@@ -46,6 +47,7 @@ from timm.utils import (
 
 from timm_ferkd.data.source import stats_for_chans
 from timm_ferkd.errors import ConfigError, FerKDError
+from timm_ferkd.losses import DISTILL_LOSS_CLASSES, DISTILL_LOSS_TYPES
 from timm_ferkd.registration import create_dataset  # timm's, plus --dataset ferkd-cluttered/...
 
 _logger = logging.getLogger('train_ferkd')
@@ -184,7 +186,7 @@ group.add_argument('--num-crops', type=int, default=4, metavar='K',
 group.add_argument('--crop-layout', default='spread', choices=('spread', 'image'),
                    help='spread (default): the K crops of a decoded image go to K consecutive steps, so every '
                         'step holds -b different images; image: a step holds -b/K images x K crops (FKD reference)')
-group.add_argument('--distill-loss', default='ferkd', choices=('soft_ce', 'ferkd', 'kd', 'dtd', 'fnkd'),
+group.add_argument('--distill-loss', default='ferkd', choices=DISTILL_LOSS_TYPES,
                    help='objective on stored labels (default: ferkd = soft CE on calibrated labels)')
 group.add_argument('--distill-temperature', type=float, default=None, metavar='T',
                    help='temperature of the distillation loss (default: the loss default)')
@@ -334,14 +336,11 @@ def _create_model(args: argparse.Namespace) -> nn.Module:
     if size is not None and fixed_size and 'img_size' not in factory_kwargs:
         # ViTs build their position embedding for one input size: build it for ours
         factory_kwargs['img_size'] = tuple(size)
-    try:
-        model = create_model(
-            args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
-            drop_rate=args.drop, **factory_kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise ConfigError(f'unknown --model {args.model!r}; list names with timm.list_models()') from None
-        raise
+    if ':' not in args.model and not is_model(args.model):  # 'hf-hub:...' and 'local-dir:...' go to timm
+        raise ConfigError(f'unknown --model {args.model!r}; list names with timm.list_models()')
+    model = create_model(
+        args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
+        drop_rate=args.drop, **factory_kwargs)
     patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
     if patch is not None and size is not None:
         if size[0] % patch[0] or size[1] % patch[1]:
@@ -376,10 +375,9 @@ _FULL_CHECK_BYTES = 2 * 10 ** 9
 
 
 def _open_bank(args: argparse.Namespace):
-    from timm_ferkd.bank.reader import HF_HUB_PREFIX, open_bank
+    from timm_ferkd.bank.hub import HF_HUB_PREFIX, open_bank, pull_bank
     name = args.soft_labels
     if name.startswith(HF_HUB_PREFIX):
-        from timm_ferkd.bank.hub import pull_bank
         pulled = pull_bank(name)
         # record the exact commit so the run can be reproduced from args.yaml
         args.soft_labels_commit = pulled.commit
@@ -698,22 +696,18 @@ def _create_eval_loader(args, data_config, device):
         crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=True)
 
 
-def _distill_loss_kwargs(args) -> Dict[str, Any]:
-    name = args.distill_loss
-    kwargs: Dict[str, Any] = {}
-    if args.distill_temperature is not None and name in ('soft_ce', 'ferkd', 'kd', 'dtd'):
-        kwargs['temperature'] = args.distill_temperature
-    if args.distill_task_weight is not None and name in ('kd', 'dtd', 'fnkd'):
-        kwargs['task_loss_weight'] = args.distill_task_weight
-    if name == 'dtd':
-        for flag, key in (('dtd_beta', 'beta'), ('dtd_gamma', 'gamma'), ('dtd_weighting', 'weighting')):
-            if getattr(args, flag) is not None:
-                kwargs[key] = getattr(args, flag)
-    if name == 'fnkd':
-        for flag, key in (('fnkd_tau', 'tau'), ('fnkd_lambda2', 'lambda2')):
-            if getattr(args, flag) is not None:
-                kwargs[key] = getattr(args, flag)
-    return kwargs
+# (flag, loss keyword): a loss gets the flags that are set and that its constructor takes
+_DISTILL_FLAGS = (('distill_temperature', 'temperature'), ('distill_task_weight', 'task_loss_weight'),
+                  ('dtd_beta', 'beta'), ('dtd_gamma', 'gamma'), ('dtd_weighting', 'weighting'),
+                  ('fnkd_tau', 'tau'), ('fnkd_lambda2', 'lambda2'))
+_ONLINE_FLAGS = (('kd_temperature', 'temperature'), ('kd_task_weight', 'task_loss_weight'),
+                 ('kd_prob_shift', 'probability_shift'), ('fnkd_tau', 'tau'), ('fnkd_lambda2', 'lambda2'))
+
+
+def _loss_kwargs(args, name: str, flags) -> Dict[str, Any]:
+    accepted = inspect.signature(DISTILL_LOSS_CLASSES[name]).parameters
+    values = ((key, getattr(args, flag)) for flag, key in flags if key in accepted)
+    return {key: value for key, value in values if value is not None and value is not False}
 
 
 def _create_task(args, model, mode, device):
@@ -723,18 +717,10 @@ def _create_task(args, model, mode, device):
             smoothing=args.smoothing, soft_targets=args.mixup > 0 or args.cutmix > 0), device=device,
             verbose=args.rank == 0)
     if mode == 'offline':
-        return FerKDTask(model, loss=args.distill_loss, loss_kwargs=_distill_loss_kwargs(args), device=device,
-                         verbose=args.rank == 0)
-    loss_kwargs: Dict[str, Any] = {'temperature': args.kd_temperature} if args.kd_loss != 'fnkd' else {}
-    if args.kd_task_weight is not None:
-        loss_kwargs['task_loss_weight'] = args.kd_task_weight
-    if args.kd_prob_shift:
-        loss_kwargs['probability_shift'] = True
-    if args.kd_loss == 'fnkd':
-        for flag, key in (('fnkd_tau', 'tau'), ('fnkd_lambda2', 'lambda2')):
-            if getattr(args, flag) is not None:
-                loss_kwargs[key] = getattr(args, flag)
+        loss_kwargs = _loss_kwargs(args, args.distill_loss, _DISTILL_FLAGS)
+        return FerKDTask(model, loss=args.distill_loss, loss_kwargs=loss_kwargs, device=device, verbose=args.rank == 0)
     teacher = _create_teacher(args, model)
+    loss_kwargs = _loss_kwargs(args, args.kd_loss, _ONLINE_FLAGS)
     return create_task(model, loss=args.kd_loss, loss_kwargs=loss_kwargs, teacher=teacher, device=device,
                        verbose=args.rank == 0)
 
@@ -742,12 +728,12 @@ def _create_task(args, model, mode, device):
 def _create_teacher(args, student: nn.Module) -> nn.Module:
     """The online teacher, with the student's classes and input channels, loaded from --kd-checkpoint."""
     from timm.models import load_checkpoint
+    if ':' not in args.kd_model_name and not is_model(args.kd_model_name):
+        raise ConfigError(f'unknown --kd-model-name {args.kd_model_name!r}; list names with timm.list_models()')
     try:
         teacher = create_model(args.kd_model_name, pretrained=args.kd_checkpoint is None,
                                num_classes=student.num_classes, in_chans=args.in_chans)
     except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise ConfigError(f'unknown --kd-model-name {args.kd_model_name!r}') from None
         raise ConfigError(f'cannot create teacher {args.kd_model_name}: {str(e).splitlines()[0][:200]}') from None
     if args.kd_checkpoint:
         try:

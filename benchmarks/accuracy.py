@@ -359,7 +359,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench = Bench(args, out)
     check_reuse(out, args)
     from timm_ferkd.data.fashion_mnist import ensure_fashion_mnist
-    args.data_dir = str(ensure_fashion_mnist(Path(args.data_dir) if args.data_dir else out / 'data'))
+    args.data_dir = str(ensure_fashion_mnist(Path(args.data_dir) if args.data_dir else out / 'data', download=True))
     start = time.perf_counter()
     facts = machine_facts(torch.device(args.device))
     print(facts, flush=True)

@@ -74,7 +74,7 @@ def teacher_input(model, args: argparse.Namespace) -> Tuple[str, Tuple[float, ..
 def precrop(args: argparse.Namespace, interpolation: str, num_crops: int) -> torch.Tensor:
     """uint8 [N, C, H, W]: all regions of the first images, cut exactly as generation cuts them."""
     import numpy as np
-    from timm_ferkd.bank.generate import pil_interpolation
+    from timm_ferkd.bank.regions import pil_interpolation
     from timm_ferkd.bank.regions import RegionSampler, replay_region
     from timm_ferkd.data.source import create_image_source, image_mode_for_chans
     source = create_image_source(args.dataset, args.data_dir, 'train', image_mode=image_mode_for_chans(args.in_chans))
@@ -121,9 +121,9 @@ def time_forward(model, crops: torch.Tensor, mean, std, args: argparse.Namespace
 
 def time_generation(checkpoint: Path, out: Path, args: argparse.Namespace) -> Tuple[float, Optional[float]]:
     """(end-to-end seconds, labelling-loop images/s) of one ``generate_bank`` into a fresh directory."""
-    from timm_ferkd.bank.generate import GenerateConfig, generate_bank
+    from timm_ferkd.labelling.generate import GenerateConfig, generate_bank
     capture = _RateCapture()
-    gen_logger = logging.getLogger('timm_ferkd.bank.generate')
+    gen_logger = logging.getLogger('timm_ferkd.labelling.generate')
     gen_logger.addHandler(capture)
     gen_logger.setLevel(logging.INFO)
     start = time.perf_counter()

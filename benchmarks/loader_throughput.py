@@ -46,7 +46,7 @@ def make_jpeg_folder(root: Path, num_images: int, width: int, height: int, num_c
 
 def make_bank(folder: Path, out: Path, num_classes: int, regions: int, workers: int) -> Path:
     import timm
-    from timm_ferkd.bank.generate import GenerateConfig, generate_bank
+    from timm_ferkd.labelling.generate import GenerateConfig, generate_bank
     checkpoint = out.parent / 'teacher.pth'
     torch.manual_seed(0)
     torch.save(timm.create_model('test_resnet', num_classes=num_classes).state_dict(), checkpoint)

@@ -131,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix='ferkd-scaling-') as tmp:
         base = Path(tmp)
         from timm_ferkd.data.fashion_mnist import ensure_fashion_mnist
-        args.data_dir = str(ensure_fashion_mnist(Path(args.data_dir) if args.data_dir else base / 'data'))
+        args.data_dir = str(ensure_fashion_mnist(Path(args.data_dir) if args.data_dir else base / 'data', download=True))
         torch.manual_seed(0)
         checkpoint = base / 'teacher.pth'
         torch.save(create_model(args.teacher, 10, args.input_size, in_chans=1).state_dict(), checkpoint)

@@ -134,7 +134,7 @@ def prepare_images(folder: Path, args: argparse.Namespace) -> None:
 
 def prepare_bank(folder: Path, out: Path, teacher: str, args: argparse.Namespace, device: torch.device) -> Path:
     """Label ``args.regions`` regions per image with a random-weight ``teacher`` (reused when present)."""
-    from timm_ferkd.bank.generate import GenerateConfig, generate_bank
+    from timm_ferkd.labelling.generate import GenerateConfig, generate_bank
     if (out / 'manifest.json').is_file():
         return out
     size = 32 if teacher == 'test_resnet' else args.input_size

@@ -176,7 +176,7 @@ def test_fragment_count_and_size():
 
 def test_no_download_with_only_idx_files(idx_root, tmp_path, monkeypatch):
     import timm_ferkd.data.fashion_mnist as fm
-    monkeypatch.setattr(fm, 'ensure_fashion_mnist', lambda root: pytest.fail('tried to download'))
+    monkeypatch.setattr(fm, 'ensure_fashion_mnist', lambda root, download=False: pytest.fail('tried to download'))
     ds = create_cluttered_dataset(NAME + ':fragments=2', str(idx_root), 'test')
     assert len(ds) == 10000 and not (idx_root / 'FashionMNIST' / 'processed').exists()
     with pytest.raises(ConfigError, match='--dataset-download'):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from bank_factory import folder_source, make_image_folder, peaked_probs, write_bank
-from timm_ferkd.bank.generate import pil_interpolation
+from timm_ferkd.bank.regions import pil_interpolation
 from timm_ferkd.data.calibration import CATEGORY_SOFT, CalibrationConfig
 from timm_ferkd.data.dataset import EpochKey, RegionDataset, collate_regions, create_region_dataset
 from timm_ferkd.errors import BankMismatchError, ConfigError
@@ -70,7 +70,7 @@ def fashion(tmp_path_factory):
     if not DEBIAN_DIR.is_dir():
         pytest.skip('Fashion-MNIST (Debian dataset-fashion-mnist) is not installed')
     import timm
-    from timm_ferkd.bank.generate import GenerateConfig, generate_bank
+    from timm_ferkd.labelling.generate import GenerateConfig, generate_bank
     tmp = tmp_path_factory.mktemp('fashion')
     root = ensure_fashion_mnist(tmp / 'data')
     checkpoint = tmp / 'teacher.pth'

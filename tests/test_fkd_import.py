@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file
 
-from timm_ferkd.bank.fkd_import import (
+from timm_ferkd.labelling.fkd_import import (
     REPORT_NAME, FKDImportConfig, UnsafeLabelFileError, convert_fkd_labels, fkd_label_keys, import_fkd,
     load_fkd_file)
 from timm_ferkd.bank.format import EXPLICIT_SAMPLER, BankManifest

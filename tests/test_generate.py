@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from timm_ferkd.bank.generate import GenerateConfig, generate_bank
+from timm_ferkd.labelling.generate import GenerateConfig, generate_bank
 from timm_ferkd.bank.reader import SoftLabelBank
 from timm_ferkd.errors import ConfigError
 
@@ -89,7 +89,7 @@ def test_fnkd_labels_are_feature_normalised(fmnist_root, teacher_checkpoint, tmp
 
 def test_resume_after_crash_redoes_only_missing_shards(fmnist_root, teacher_checkpoint, tmp_path, monkeypatch):
     reference = generate_bank(config(fmnist_root, teacher_checkpoint, tmp_path / 'ref'))
-    import timm_ferkd.bank.generate as gen
+    import timm_ferkd.labelling.generate as gen
     real_write = gen._write
     calls = []
 

@@ -18,7 +18,8 @@ import pytest
 from hub_server import FakeHub
 from timm_ferkd.bank.format import MANIFEST_NAME, BankManifest, DatasetIdentity, TeacherInfo
 from timm_ferkd.bank.hub import HubBank, parse_hub_name, pull_bank, push_bank, resolve_bank, resolved_revision
-from timm_ferkd.bank.reader import SoftLabelBank, open_bank
+from timm_ferkd.bank.hub import open_bank
+from timm_ferkd.bank.reader import SoftLabelBank
 from timm_ferkd.bank.writer import atomic_write_bytes, write_shard
 from timm_ferkd.cli import main as cli_main
 from timm_ferkd.errors import BankError, HubError

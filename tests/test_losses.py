@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from timm_ferkd.losses import (
@@ -12,13 +11,11 @@ from timm_ferkd.losses import (
     FerKDLoss,
     FNKDLoss,
     KDLoss,
-    SoftTargetCrossEntropy,
-    clipped_norm_logits,
+    SoftRegionCrossEntropy,
     create_distill_loss,
-    feature_normalized_logits,
     make_target,
     probability_shift,
-    retemper_log_probs,
+    retemper,
 )
 
 B, C, D = 6, 5, 8
@@ -81,7 +78,7 @@ def test_soft_ce_hand_values():
 
     row0 = 0.5 * math.log(4) + 0.5 * math.log(4 / 3)  # = 0.5 ln(16/3) = 0.83698...
     row1 = math.log(4 / 3)  # = 0.28768...
-    out = SoftTargetCrossEntropy()(logits, target)
+    out = SoftRegionCrossEntropy()(logits, target)
     # FKD reference reduction: batch mean of the weighted rows
     assert out['loss'].item() == pytest.approx((row0 + 0.5 * row1) / 2, abs=1e-6)
     assert out['loss'].item() == pytest.approx(0.49041, abs=1e-5)
@@ -90,7 +87,7 @@ def test_soft_ce_hand_values():
     s3 = math.sqrt(3.0)
     row0_t2 = 0.5 * math.log(1 + s3) + 0.5 * math.log((1 + s3) / s3)
     row1_t2 = math.log((1 + s3) / s3)
-    out = SoftTargetCrossEntropy(temperature=2.0)(logits, target)
+    out = SoftRegionCrossEntropy(temperature=2.0)(logits, target)
     assert out['loss'].item() == pytest.approx((row0_t2 + 0.5 * row1_t2) / 2, abs=1e-6)
 
 
@@ -117,7 +114,7 @@ def test_ferkd_all_discarded_is_zero_not_nan():
 def test_soft_ce_matches_timm_without_weights():
     from timm.loss import SoftTargetCrossEntropy as TimmSoftTargetCrossEntropy
     logits, target, *_ = _batch()
-    ours = SoftTargetCrossEntropy()(logits, target)['loss']
+    ours = SoftRegionCrossEntropy()(logits, target)['loss']
     assert torch.allclose(ours, TimmSoftTargetCrossEntropy()(logits, target['soft']))
     assert torch.allclose(ours, FerKDLoss()(logits, target)['loss'])
 
@@ -145,12 +142,14 @@ def test_kd_stored_labels_with_zeros_float64_reference():
     assert out['loss'].item() == pytest.approx(kd.item() + 0.5 * ce.item(), rel=1e-5)
 
 
-def test_retemper_keeps_zeros_negligible():
+def test_retemper_keeps_zeros_exactly_zero():
     soft = torch.zeros(1, 1000)
     soft[0, :2] = torch.tensor([0.6, 0.4])
-    p = retemper_log_probs(soft, 4.0).exp()
-    assert p[0, 2:].sum().item() < 1e-6
-    assert p[0, 0].item() == pytest.approx(0.6 ** 0.25 / (0.6 ** 0.25 + 0.4 ** 0.25), rel=1e-5)
+    for t in (4.0, 20.0):  # a float32-tiny floor would give the 998 zeros ~0.9 of the mass at T = 20
+        p = retemper(soft, t)
+        assert p[0, 2:].sum().item() == 0
+        assert p[0, 0].item() == pytest.approx(0.6 ** (1 / t) / (0.6 ** (1 / t) + 0.4 ** (1 / t)), rel=1e-6)
+    assert retemper(soft, 1.0) is soft
 
 
 def test_kd_online_equals_stored_softmax():
@@ -302,29 +301,6 @@ def test_fnkd_needs_features():
         loss(logits, target)
 
 
-def test_clipped_norm_agrees_with_fnkd_only_without_bias():
-    torch.manual_seed(0)
-    tau = 2.0
-    f = torch.randn(4, D, dtype=torch.float64)
-    f = f / f.norm(dim=-1, keepdim=True) * torch.tensor([[3.0], [5.0], [10.0], [2.5]], dtype=torch.float64)
-    assert (f.norm(dim=-1) > tau).all()
-
-    # b = 0 and ||f|| > tau: W f tau/||f|| == tau (W f)/||f||, exactly the FNKD scaled logits
-    fc = nn.Linear(D, C, bias=False).double()
-    assert torch.allclose(clipped_norm_logits(f, fc, tau), feature_normalized_logits(fc(f), f, tau))
-
-    # with a bias: clipped = tau W f/||f|| + b, FNKD = tau (W f + b)/||f||; they differ by b (1 - tau/||f||)
-    fc = nn.Linear(D, C).double()
-    norm = f.norm(dim=-1, keepdim=True)
-    diff = clipped_norm_logits(f, fc, tau) - feature_normalized_logits(fc(f), f, tau)
-    assert torch.allclose(diff, fc.bias * (1 - tau / norm))
-    assert not torch.allclose(diff, torch.zeros_like(diff))
-
-    # ||f|| <= tau: the clipped form leaves the logits unscaled
-    small = f / f.norm(dim=-1, keepdim=True) * 1.5
-    assert torch.allclose(clipped_norm_logits(small, fc, tau), fc(small))
-
-
 # --- shared behaviour ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name,kwargs', ALL_LOSSES)
@@ -349,12 +325,12 @@ def test_gradients_finite_and_zero_weight_crop_has_zero_grad(name, kwargs):
 def test_factory_names_and_attributes():
     assert DISTILL_LOSS_TYPES == ('soft_ce', 'ferkd', 'kd', 'dtd', 'fnkd')
     expected = {
-        'soft_ce': SoftTargetCrossEntropy, 'ferkd': FerKDLoss, 'kd': KDLoss, 'dtd': DTDLoss, 'fnkd': FNKDLoss}
+        'soft_ce': SoftRegionCrossEntropy, 'ferkd': FerKDLoss, 'kd': KDLoss, 'dtd': DTDLoss, 'fnkd': FNKDLoss}
     for name in DISTILL_LOSS_TYPES:
         loss = create_distill_loss(name)
         assert type(loss) is expected[name]
         assert isinstance(loss.needs_features, bool) and isinstance(loss.needs_teacher, bool)
-    assert isinstance(create_distill_loss('Soft-CE'), SoftTargetCrossEntropy)
+    assert isinstance(create_distill_loss('Soft-CE'), SoftRegionCrossEntropy)
 
 
 def test_factory_errors():

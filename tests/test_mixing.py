@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from timm_ferkd.data.mixing import SelfMix, SoftMixup, create_selfmix, create_soft_mixup
+from timm_ferkd.data.mixing import SelfMix, create_selfmix
 from timm_ferkd.errors import ConfigError
 
 K = 4          # crops per image
@@ -101,19 +101,6 @@ def test_prob_and_disabled_mixing():
     assert mixed is x and (out['lam'] == 1).all()
     assert create_selfmix(mixup_alpha=0.0, cutmix_alpha=0.0) is None
     assert create_selfmix(prob=0.0) is None
-
-
-def test_soft_mixup_pairs_with_the_flipped_batch():
-    mix = create_soft_mixup(mixup_alpha=1.0, cutmix_alpha=0.0, seed=0)
-    assert isinstance(mix, SoftMixup)
-    x, target = _batch()
-    mixed, out = mix(x, target)
-    flip = torch.arange(B - 1, -1, -1)
-    assert torch.equal(out['partner'], flip)
-    lam = out['lam'][0]
-    assert torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0))
-    assert torch.allclose(out['soft'], lam * target['soft'] + (1 - lam) * target['soft'].flip(0))
-    assert torch.allclose(out['soft'].sum(1), torch.ones(B))
 
 
 def test_input_target_not_modified():

@@ -1,6 +1,4 @@
 """register_with_timm: timm's own names unchanged, ferkd names added, idempotent, reversible."""
-import importlib.util
-
 import numpy as np
 import pytest
 import timm.data
@@ -24,7 +22,6 @@ DATASET_BINDINGS = [(timm.data, 'create_dataset'), (timm.data.dataset_factory, '
 LOSS_BINDINGS = [(timm.loss, 'create_classification_loss'), (timm.loss._loss_factory, 'create_classification_loss'),
                  (timm.task, 'create_classification_loss'),
                  (timm.task.classification, 'create_classification_loss')]
-HAS_LOSSES = importlib.util.find_spec('timm_ferkd.losses') is not None
 
 # (kwargs) of timm loss calls that must give the same result before and after registration
 LOSS_CALLS = [
@@ -142,7 +139,6 @@ def test_ferkd_dataset_prefix(registered, folder, tmp_path):
         timm.data.create_dataset('FERKD/', root=str(folder), soft_labels=str(bank.path), load_bytes=True)
 
 
-@pytest.mark.skipif(not HAS_LOSSES, reason='timm_ferkd.losses not available yet')
 def test_ferkd_losses(registered):
     from timm_ferkd import losses
     for name in FERKD_LOSS_TYPES:

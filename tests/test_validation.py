@@ -21,7 +21,7 @@ import torch
 from conftest import REPO
 from timm_ferkd.bank.format import (
     EXPLICIT_SAMPLER, MANIFEST_NAME, BankManifest, DatasetIdentity, TeacherInfo, read_safetensors_header)
-from timm_ferkd.bank.generate import BYTE_NEUTRAL_OPTIONS, GenerateConfig, generate_bank, resume_settings
+from timm_ferkd.labelling.generate import BYTE_NEUTRAL_OPTIONS, GenerateConfig, generate_bank, resume_settings
 from timm_ferkd.bank.reader import SoftLabelBank
 from timm_ferkd.bank.validate import check_safetensors_header, sample_rows, shard_metadata, validate_manifest
 from timm_ferkd.bank.writer import atomic_write_bytes, write_shard
@@ -178,7 +178,7 @@ def test_1_generate_refuses_flags_that_make_nan_banks(fmnist_root, teacher_check
 
 
 def test_1_amp_overflow_names_image_and_amp():
-    from timm_ferkd.bank.generate import _check_finite
+    from timm_ferkd.labelling.generate import _check_finite
     cfg = GenerateConfig(model='m', output='o', regions=2, amp=True, device='cpu')
     probs = torch.full((6, 3), 1 / 3)
     probs[3, 1] = float('inf')
@@ -267,7 +267,7 @@ def shard_hashes(bank_dir: Path) -> dict:
 
 
 def test_2_resume_with_amp_is_refused(fmnist_root, tmp_path, monkeypatch):
-    import timm_ferkd.bank.generate as gen
+    import timm_ferkd.labelling.generate as gen
     real_write = gen._write
 
     def crash_after_first(*args, **kwargs):
@@ -335,7 +335,7 @@ def test_2_every_option_that_changes_shard_bytes_guards_resume(fmnist_root, teac
         assert '\n' not in str(e.value)
 
     # settings-only: the recorded settings change exactly when the bytes can
-    from timm_ferkd.bank.generate import _teacher_info
+    from timm_ferkd.labelling.generate import _teacher_info
     import timm
     manifest = BankManifest.load(out)
     model = timm.create_model('test_resnet', num_classes=CLASSES, in_chans=1)
@@ -551,7 +551,7 @@ def test_8_errors_in_dataloader_workers_are_one_line(fmnist_root, two_banks, tmp
 
 def test_8_worker_errors_keep_their_one_line_message():
     from torch.utils.data import DataLoader, Dataset
-    from timm_ferkd.bank.fkd_import import UnsafeLabelFileError
+    from timm_ferkd.labelling.fkd_import import UnsafeLabelFileError
 
     class Broken(Dataset):
         def __init__(self, error):

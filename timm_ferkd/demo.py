@@ -94,7 +94,7 @@ def run_demo(cfg: DemoConfig) -> List[dict]:
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(cfg.data_dir or out / 'data')
     print(f'preparing Fashion-MNIST in {data_dir}', flush=True)
-    ensure_fashion_mnist(data_dir)
+    ensure_fashion_mnist(data_dir, download=True)
     runs, logs = out / 'runs', out / 'logs'
     logs.mkdir(exist_ok=True)
     py = sys.executable

@@ -35,9 +35,10 @@ from timm_ferkd.errors import ConfigError
 
 __all__ = [
     'DISTILL_LOSS_TYPES',
+    'DISTILL_LOSS_CLASSES',
     'ONLINE_DISTILL_LOSS_TYPES',
     'DistillLoss',
-    'SoftTargetCrossEntropy',
+    'SoftRegionCrossEntropy',
     'FerKDLoss',
     'KDLoss',
     'DTDLoss',
@@ -45,12 +46,10 @@ __all__ = [
     'create_distill_loss',
     'make_target',
     'probability_shift',
-    'retemper_log_probs',
-    'clipped_norm_logits',
+    'retemper',
     'feature_normalized_logits',
 ]
 
-DISTILL_LOSS_TYPES: Tuple[str, ...] = ('soft_ce', 'ferkd', 'kd', 'dtd', 'fnkd')
 # Losses that can take their teacher from a teacher running in the loop.
 ONLINE_DISTILL_LOSS_TYPES: Tuple[str, ...] = ('kd', 'dtd', 'fnkd')
 
@@ -149,23 +148,26 @@ def _stored_teacher_logits(soft: torch.Tensor) -> torch.Tensor:
     return _at_least_float32(soft).clamp_min(_PROB_FLOOR).log()
 
 
-def retemper_log_probs(soft: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Log of a stored distribution re-tempered to another temperature.
+def retemper(soft: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A stored distribution re-tempered to another temperature: ``softmax(log q / T)``.
 
-    ``log softmax(log q / T)``: a label stored at temperature 1 behaves as the teacher's softmax
-    at temperature T, exact up to the information lost in storage (top-k, quantisation).
-    Zeros in ``q`` are clamped to the smallest normal float32 before the log, so they stay
-    negligible at any T.
+    A label stored as ``softmax(z / T0)`` becomes the teacher at ``T0 * T`` over the stored classes
+    (exactly so for 'full' labels). Exact zeros (classes a top-k label dropped) stay exactly zero at
+    any T: a floor such as the smallest float32 would give each of them ``floor ** (1 / T)`` relative
+    mass, about 1e-2 at T = 20, which over ~1000 classes outweighs the stored top-k.
 
     Args:
-        soft: Stored probabilities [B, C] (may contain exact zeros).
-        temperature: Target temperature T > 0.
+        soft: Probabilities [B, C], rows summing to 1 (may contain exact zeros).
+        temperature: T > 0; 1 is the identity, > 1 flattens, < 1 sharpens.
 
     Returns:
-        Log-probabilities [B, C], at least float32.
+        Probabilities [B, C] in the dtype of ``soft`` (``soft`` itself when T = 1).
     """
     _check_positive('temperature', temperature)
-    return F.log_softmax(_stored_teacher_logits(soft) / temperature, dim=-1)
+    if temperature == 1.0:
+        return soft
+    # log(0) = -inf keeps zero classes at zero; every row has a positive entry since it sums to 1
+    return torch.softmax(torch.log(soft.double()) / temperature, dim=-1).to(soft.dtype)
 
 
 def probability_shift(probs_or_logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -209,26 +211,6 @@ def feature_normalized_logits(logits: torch.Tensor, features: torch.Tensor, tau:
     return tau * _at_least_float32(logits) / norm
 
 
-def clipped_norm_logits(features: torch.Tensor, classifier: nn.Module, tau: float) -> torch.Tensor:
-    """The official FNKD code's "clipped norm" logits ``W (f / ||f|| * min(||f||, tau)) + b``.
-
-    Relation to :func:`feature_normalized_logits` (``tau (W f + b) / ||f||``): when
-    ``||f|| > tau`` the clipped form gives ``tau W f / ||f|| + b``, so the two agree exactly if
-    the classifier has no bias (b = 0); with a bias they differ by ``b (1 - tau / ||f||)``.
-    When ``||f|| <= tau`` the clipped form leaves the logits unscaled (``W f + b``).
-
-    Args:
-        features: Pre-logit features f [B, D].
-        classifier: The linear head (``model.get_classifier()``).
-        tau: Norm ceiling.
-
-    Returns:
-        Logits [B, C].
-    """
-    norm = features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return classifier(features / norm * norm.clamp_max(tau))
-
-
 class DistillLoss(nn.Module):
     """Base class: fixes the forward signature and the attributes tasks read.
 
@@ -270,7 +252,7 @@ class DistillLoss(nn.Module):
             raise ValueError(f'{name} was built with online=True and needs teacher_features.')
 
 
-class SoftTargetCrossEntropy(DistillLoss):
+class SoftRegionCrossEntropy(DistillLoss):
     """FKD's soft-target cross-entropy with a student temperature and per-crop weights.
 
     ``L = 1/B sum_i w_i * (-sum_c q_ic log softmax(z_i / T)_c)``
@@ -315,7 +297,7 @@ class SoftTargetCrossEntropy(DistillLoss):
         return {'loss': loss, 'soft_ce': loss}
 
 
-class FerKDLoss(SoftTargetCrossEntropy):
+class FerKDLoss(SoftRegionCrossEntropy):
     """FerKD objective: soft CE against the adapted label, averaged over kept crops.
 
     ``L = sum_i w_i H(y_a,i, softmax(z_i / T)) / max(sum_i w_i, eps)``
@@ -595,7 +577,8 @@ class FNKDLoss(DistillLoss):
     needs the student's pre-logit features f_S. The teacher distribution comes either from
     ``target['soft']`` (stored labels: store the teacher's already normalised distribution as
     the label) or, with ``online=True``, from the teacher's logits and pre-logit features.
-    See :func:`clipped_norm_logits` for the official code's clipped-norm variant.
+    (The official code clips the norm instead, ``W (f / ||f|| * min(||f||, tau)) + b``: the same
+    logits when the head has no bias and ``||f|| > tau``.)
 
     Args:
         tau: Scale tau > 0 (official code: 2 on CIFAR-100).
@@ -654,13 +637,15 @@ class FNKDLoss(DistillLoss):
         return {'loss': loss, 'ce': ce, 'fnkd': fnkd}
 
 
-_LOSS_CLASSES = {
-    'soft_ce': SoftTargetCrossEntropy,
+# the one list of loss names: train_ferkd.py's --distill-loss, registration and create_distill_loss use it
+DISTILL_LOSS_CLASSES: Dict[str, type] = {
+    'soft_ce': SoftRegionCrossEntropy,
     'ferkd': FerKDLoss,
     'kd': KDLoss,
     'dtd': DTDLoss,
     'fnkd': FNKDLoss,
 }
+DISTILL_LOSS_TYPES: Tuple[str, ...] = tuple(DISTILL_LOSS_CLASSES)
 
 
 def create_distill_loss(name: str, **kwargs) -> nn.Module:
@@ -678,9 +663,9 @@ def create_distill_loss(name: str, **kwargs) -> nn.Module:
         ValueError: Unknown name, or an invalid argument value (e.g. a temperature <= 0).
     """
     key = name.lower().replace('-', '_')
-    if key not in _LOSS_CLASSES:
+    if key not in DISTILL_LOSS_CLASSES:
         raise ConfigError(f'Unknown distillation loss {name!r}; valid: {", ".join(DISTILL_LOSS_TYPES)}.')
-    loss_cls = _LOSS_CLASSES[key]
+    loss_cls = DISTILL_LOSS_CLASSES[key]
     try:
         return loss_cls(**kwargs)
     except TypeError as e:

@@ -32,6 +32,7 @@ import sys
 from typing import Any, Callable, Dict, List, Tuple
 
 from timm_ferkd.errors import ConfigError
+from timm_ferkd.losses import DISTILL_LOSS_TYPES, create_distill_loss
 
 __all__ = [
     'FERKD_DATASET_PREFIX', 'FERKD_CLUTTERED_PREFIX', 'FERKD_LOSS_TYPES', 'create_dataset', 'register_with_timm',
@@ -40,8 +41,7 @@ __all__ = [
 
 FERKD_DATASET_PREFIX = 'ferkd/'
 FERKD_CLUTTERED_PREFIX = 'ferkd-cluttered/'  # kept equal to timm_ferkd.data.cluttered.CLUTTERED_PREFIX
-# kept here, not imported from timm_ferkd.losses, so that registering costs no import of the losses
-FERKD_LOSS_TYPES: Tuple[str, ...] = ('soft_ce', 'ferkd', 'kd', 'dtd', 'fnkd')
+FERKD_LOSS_TYPES: Tuple[str, ...] = DISTILL_LOSS_TYPES
 
 _MARK = '_timm_ferkd_original'
 _wrappers: Dict[str, Callable] = {}
@@ -153,7 +153,6 @@ def _create_ferkd_loss(signature: inspect.Signature, loss_type: str, args: tuple
             raise ConfigError(
                 f'loss {loss_type!r} is a timm-ferkd distillation loss: timm option {key}={value!r} does not apply '
                 f'(pass the loss\'s own arguments, e.g. temperature=..., instead)')
-    from timm_ferkd.losses import create_distill_loss
     return create_distill_loss(loss_type, **extra)
 
 

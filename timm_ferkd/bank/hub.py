@@ -27,15 +27,18 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple, Union
 
 from timm_ferkd.bank.format import MANIFEST_NAME, BankManifest
 from timm_ferkd.bank.writer import sha256_file
 from timm_ferkd.errors import BankError, ConfigError, HubError
 
+if TYPE_CHECKING:  # the reader imports torch; pull and push need none of it
+    from timm_ferkd.bank.reader import SoftLabelBank
+
 __all__ = [
-    'HF_HUB_PREFIX', 'REPO_TYPE', 'HubBank', 'PushResult', 'parse_hub_name', 'is_hub_name', 'resolved_revision',
-    'pull_bank', 'resolve_bank', 'push_bank',
+    'HF_HUB_PREFIX', 'REPO_TYPE', 'HubBank', 'PushResult', 'parse_hub_name', 'resolved_revision',
+    'pull_bank', 'resolve_bank', 'open_bank', 'push_bank',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -97,11 +100,6 @@ class PushResult:
     def pinned_name(self) -> str:
         """``hf-hub:ORG/NAME@<commit>``: the published bank, immutable."""
         return f'{HF_HUB_PREFIX}{self.repo_id}@{self.commit}'
-
-
-def is_hub_name(name: Union[str, os.PathLike]) -> bool:
-    """Whether ``name`` is an ``hf-hub:`` bank name rather than a local path."""
-    return isinstance(name, str) and name.startswith(HF_HUB_PREFIX)
 
 
 def parse_hub_name(name: str) -> Tuple[str, Optional[str]]:
@@ -416,6 +414,24 @@ def resolve_bank(name: str, local_dir: Optional[os.PathLike] = None, download_sh
         The bank directory.
     """
     return pull_bank(name, local_dir=local_dir, download_shards=download_shards).path
+
+
+def open_bank(name: Union[str, os.PathLike], validate: bool = False) -> 'SoftLabelBank':
+    """Open a bank by local path or Hub name (``hf-hub:ORG/NAME[@REVISION]``).
+
+    Args:
+        name: Local bank directory, or a Hub dataset repo with timm's ``hf-hub:`` prefix.
+        validate: Check every shard's header and size now.
+
+    Returns:
+        The bank.
+    """
+    from timm_ferkd.bank.reader import SoftLabelBank
+    name = str(name)
+    path = resolve_bank(name) if name.startswith(HF_HUB_PREFIX) else Path(name)
+    if not path.exists():
+        raise BankError(f'no bank at {path}: pass a bank directory or an hf-hub:ORG/NAME[@REVISION] name')
+    return SoftLabelBank(path, validate=validate)
 
 
 def _remote_shard_files(repo_id: str, revision: Optional[str]) -> List[str]:

@@ -18,9 +18,7 @@ from timm_ferkd.bank.validate import check_safetensors_header, check_shard_metad
 from timm_ferkd.bank.writer import sha256_file
 from timm_ferkd.errors import BankError
 
-__all__ = ['SoftLabelBank', 'RegionBatch', 'open_bank', 'HF_HUB_PREFIX']
-
-HF_HUB_PREFIX = 'hf-hub:'
+__all__ = ['SoftLabelBank', 'RegionBatch']
 
 
 def _expected_shapes(manifest: BankManifest, num_images: int) -> Dict[str, Tuple[Tuple[int, ...], str]]:
@@ -357,24 +355,3 @@ class SoftLabelBank:
     def bytes_on_disk(self) -> int:
         """Size of the manifest plus all shards."""
         return (self.path / MANIFEST_NAME).stat().st_size + sum(r.bytes for r in self.manifest.shards)
-
-
-def open_bank(name: Union[str, os.PathLike], validate: bool = False) -> SoftLabelBank:
-    """Open a bank by local path or Hub name (``hf-hub:ORG/NAME[@REVISION]``).
-
-    Args:
-        name: Local bank directory, or a Hub dataset repo with timm's ``hf-hub:`` prefix.
-        validate: Check every shard now (``SoftLabelBank(validate=True)``).
-
-    Returns:
-        The bank.
-    """
-    name = str(name)
-    if name.startswith(HF_HUB_PREFIX):
-        from timm_ferkd.bank.hub import resolve_bank
-        path = resolve_bank(name)
-    else:
-        path = Path(name)
-    if not path.exists():
-        raise BankError(f'no bank at {path}: pass a bank directory or an hf-hub:ORG/NAME[@REVISION] name')
-    return SoftLabelBank(path, validate=validate)

@@ -21,9 +21,11 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from timm.data.transforms import str_to_pil_interp
 
 __all__ = [
-    'SAMPLER_NAME', 'SAMPLER_VERSION', 'RegionSampler', 'Regions', 'uniform', 'replay_region', 'explicit_regions',
+    'SAMPLER_NAME', 'SAMPLER_VERSION', 'RegionSampler', 'Regions', 'uniform', 'replay_region', 'pil_interpolation',
+    'explicit_regions',
 ]
 
 SAMPLER_NAME = 'splitmix64-random-resized-crop'
@@ -257,6 +259,16 @@ def explicit_regions(normalized_boxes: np.ndarray, flips: np.ndarray, image_size
     right = np.rint((b[:, 1] + b[:, 3]) * width)
     boxes = np.stack([top, left, bottom - top, right - left], axis=1).astype(np.int64)
     return Regions(boxes=boxes, flips=np.asarray(flips).reshape(-1).astype(bool), image_size=(int(height), int(width)))
+
+
+def pil_interpolation(name: str) -> Image.Resampling:
+    """PIL filter for a timm interpolation name ('bilinear', 'bicubic', ...), as timm's transforms map it."""
+    try:
+        return str_to_pil_interp(name)
+    except KeyError:
+        from timm_ferkd.errors import ConfigError
+        raise ConfigError(f'unknown interpolation {name!r}; choose one of nearest, bilinear, bicubic, box, '
+                          f'hamming, lanczos') from None
 
 
 def replay_region(

@@ -2,7 +2,7 @@
 import argparse
 from dataclasses import fields
 
-from timm_ferkd.bank.generate import GenerateConfig, generate_bank
+from timm_ferkd.labelling.generate import GenerateConfig, generate_bank
 from timm_ferkd.bank.codes import VALUE_DTYPES
 from timm_ferkd.bank.labels import LABEL_TYPES
 

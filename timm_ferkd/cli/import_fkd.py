@@ -2,7 +2,7 @@
 import argparse
 
 from timm_ferkd.bank.codes import VALUE_DTYPES
-from timm_ferkd.bank.fkd_import import FKD_LABEL_TYPES, REPORT_NAME, FKDImportConfig, import_fkd
+from timm_ferkd.labelling.fkd_import import FKD_LABEL_TYPES, REPORT_NAME, FKDImportConfig, import_fkd
 
 
 def register(subparsers) -> None:

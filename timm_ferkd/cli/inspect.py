@@ -3,8 +3,8 @@ import argparse
 import json
 import os
 
-from timm_ferkd.bank.inspect import plot_max_prob_histogram, summarize_bank
-from timm_ferkd.bank.reader import open_bank
+from timm_ferkd.bank.hub import open_bank
+from timm_ferkd.bank.summary import plot_max_prob_histogram, summarize_bank
 from timm_ferkd.errors import ConfigError
 
 

@@ -3,7 +3,7 @@ import argparse
 import time
 
 from timm_ferkd.bank.identity import check_bank_matches
-from timm_ferkd.bank.reader import open_bank
+from timm_ferkd.bank.hub import open_bank
 from timm_ferkd.data.source import create_image_source
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from timm_ferkd.errors import ConfigError
+from timm_ferkd.losses import probability_shift, retemper
 
 __all__ = [
     'CATEGORY_SOFT', 'CATEGORY_HARD', 'CATEGORY_DISCARD', 'CATEGORY_NAMES',
@@ -181,10 +182,7 @@ class LabelTransform:
 
 
 class Retemper(LabelTransform):
-    """Re-temper stored labels: ``softmax(log q / T)``.
-
-    The stored label is ``softmax(z_T / T0)``, so this gives the teacher at temperature ``T0 * T`` over
-    the stored classes (exactly so for 'full' labels). Exact zeros stay zero.
+    """Re-temper stored labels: :func:`timm_ferkd.losses.retemper`, ``softmax(log q / T)``.
 
     Args:
         temperature: T > 0; 1 is the identity, > 1 flattens, < 1 sharpens.
@@ -196,29 +194,18 @@ class Retemper(LabelTransform):
         self.temperature = float(temperature)
 
     def __call__(self, soft: torch.Tensor, label: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
-        if self.temperature == 1.0:
-            return soft
-        # log(0) = -inf keeps zero classes at zero; every row has a positive entry since it sums to 1
-        return torch.softmax(torch.log(soft.double()) / self.temperature, dim=1).to(soft.dtype)
+        return retemper(soft, self.temperature)
 
     def __repr__(self) -> str:
         return f'Retemper(temperature={self.temperature})'
 
 
 class ProbabilityShift(LabelTransform):
-    """Probability shift: where the argmax is not the ground truth, swap their two values.
-
-    The ground truth becomes the maximum; every other class keeps its value, so rows still sum to 1.
-    Rows already predicting the ground truth are unchanged.
-    """
+    """Probability shift, :func:`timm_ferkd.losses.probability_shift`: where the argmax is not the
+    ground truth, swap their two values (rows still sum to 1)."""
 
     def __call__(self, soft: torch.Tensor, label: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
-        label = label.long().view(-1, 1)
-        top = soft.argmax(dim=1, keepdim=True)
-        top_value = soft.gather(1, top)
-        label_value = soft.gather(1, label)
-        # write the label's value at the argmax first, then the max at the label: a no-op where equal
-        return soft.clone().scatter_(1, top, label_value).scatter_(1, label, top_value)
+        return probability_shift(soft, label)
 
     def __repr__(self) -> str:
         return 'ProbabilityShift()'

@@ -286,7 +286,7 @@ def load_fashion_mnist(root: os.PathLike, split: str, download: bool = False, ba
     if not (present(images_path) and present(labels_path)):
         if download:
             from timm_ferkd.data.fashion_mnist import ensure_fashion_mnist
-            ensure_fashion_mnist(root)
+            ensure_fashion_mnist(root, download=True)
         else:
             raise ConfigError(
                 f'no Fashion-MNIST files in {folder} (need {images_path.name}, {labels_path.name}); pass '

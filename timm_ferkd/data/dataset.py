@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from timm_ferkd.bank.generate import pil_interpolation
 from timm_ferkd.bank.identity import check_bank_matches
-from timm_ferkd.bank.reader import SoftLabelBank, open_bank
-from timm_ferkd.bank.regions import replay_region
+from timm_ferkd.bank.hub import open_bank
+from timm_ferkd.bank.reader import SoftLabelBank
+from timm_ferkd.bank.regions import pil_interpolation, replay_region
 from timm_ferkd.data.calibration import (
     CATEGORY_DISCARD, CATEGORY_HARD, CATEGORY_SOFT, CalibrationConfig, create_label_transform)
 from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans

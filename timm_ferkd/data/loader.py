@@ -186,16 +186,6 @@ class RegionLoader:
         if self.mixing is not None and hasattr(self.mixing, 'set_epoch'):
             self.mixing.set_epoch(self.epoch)
 
-    def state_dict(self) -> Dict[str, int]:
-        """Everything the data order depends on besides the construction arguments."""
-        return {'epoch': self.epoch, 'seed': self.dataset.seed}
-
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        if state.get('seed', self.dataset.seed) != self.dataset.seed:
-            _logger.warning(f'resuming a loader with seed {state["seed"]} on seed {self.dataset.seed}: '
-                            f'regions will differ from the original run')
-        self.set_epoch(state['epoch'])
-
     def _to_device(self, crops: torch.Tensor, target: Dict[str, torch.Tensor]):
         crops = crops.to(self.device, non_blocking=True)
         target = {k: v.to(self.device, non_blocking=True) for k, v in target.items()}

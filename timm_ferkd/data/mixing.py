@@ -1,15 +1,10 @@
-"""SelfMix (FerKD) and soft-label Mixup/CutMix across images, on whole batches on the device.
+"""SelfMix (FerKD): Mixup/CutMix of each crop with another crop of the same image, on the device.
 
-Both work on the loader's output, a normalised float batch ``x`` [B, C, H, W] and the target dict
-(see :mod:`timm_ferkd.data.loader`), and mix the dense soft targets with the same ``lam`` as the
-pixels. They differ only in whom a crop is mixed with:
-
-* :class:`SelfMix` pairs each crop with another crop *of the same image*. The batch is image-major
-  (rows ``[i * num_crops, (i + 1) * num_crops)`` are the crops of one image), and each group is
-  rotated by a random non-zero shift, a derangement within the group. Mixed input and mixed label
-  stay close, which is why FerKD uses it with pre-generated soft labels.
-* :class:`SoftMixup` pairs row ``i`` with row ``B - 1 - i`` (timm's ``Mixup`` with the flipped
-  batch) but mixes dense soft targets instead of one-hot ones: the cross-image baseline.
+It works on the loader's output, a normalised float batch ``x`` [B, C, H, W] and the target dict
+(see :mod:`timm_ferkd.data.loader`), and mixes the dense soft targets with the same ``lam`` as the
+pixels. The batch is image-major (rows ``[i * num_crops, (i + 1) * num_crops)`` are the crops of one
+image), and each group is rotated by a random non-zero shift, a derangement within the group. Mixed
+input and mixed label stay close, which is why FerKD uses it with pre-generated soft labels.
 
 With the loader's ``'spread'`` crop layout a batch is a window of ``num_crops`` steps (step j is
 crop j of every image) mixed before it is regrouped; ``mode='batch'`` then draws once per step.
@@ -34,7 +29,7 @@ import torch
 
 from timm_ferkd.errors import ConfigError
 
-__all__ = ['MIX_METHODS', 'LAM_MODES', 'SelfMix', 'SoftMixup', 'create_selfmix', 'create_soft_mixup']
+__all__ = ['MIX_METHODS', 'LAM_MODES', 'SelfMix', 'create_selfmix']
 
 MIX_METHODS = ('mixup', 'cutmix', 'switch')
 LAM_MODES = ('batch', 'pair', 'elem')
@@ -225,17 +220,6 @@ class SelfMix(_SoftLabelMix):
         return ((j[None, :] + shift[:, None]) % k + (np.arange(groups) * k)[:, None]).reshape(-1)
 
 
-class SoftMixup(_SoftLabelMix):
-    """Mixup/CutMix across images with dense soft targets: row ``i`` mixes with row ``B - 1 - i``.
-
-    Args:
-        **kwargs: Mixing parameters (see :class:`SelfMix`).
-    """
-
-    def _partner(self, batch_size: int) -> np.ndarray:
-        return np.arange(batch_size)[::-1].copy()
-
-
 def create_selfmix(
         mixup_alpha: float = 1.0,
         cutmix_alpha: float = 0.0,
@@ -268,33 +252,3 @@ def create_selfmix(
     return SelfMix(num_crops, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
                    switch_prob=switch_prob, mode=mode, method=method, seed=seed, rank=rank)
 
-
-def create_soft_mixup(
-        mixup_alpha: float = 0.8,
-        cutmix_alpha: float = 1.0,
-        prob: float = 1.0,
-        switch_prob: float = 0.5,
-        mode: str = 'batch',
-        method: Optional[str] = None,
-        seed: int = 0,
-        rank: int = 0,
-) -> Optional[SoftMixup]:
-    """Create cross-image soft-label Mixup/CutMix (timm's defaults); None when mixing is off.
-
-    Args:
-        mixup_alpha: Beta alpha of Mixup (0 disables it).
-        cutmix_alpha: Beta alpha of CutMix (0 disables it).
-        prob: Probability of mixing a batch (``mode='batch'``) or each crop.
-        switch_prob: Probability of CutMix instead of Mixup when both alphas are > 0.
-        mode: ``lam`` granularity: ``'batch'``, ``'pair'`` or ``'elem'``.
-        method: Force ``'mixup'``, ``'cutmix'`` or ``'switch'``.
-        seed: Seed of the random draws.
-        rank: Distributed rank.
-
-    Returns:
-        The SoftMixup, or None if both alphas are 0 or ``prob`` is 0.
-    """
-    if (mixup_alpha <= 0 and cutmix_alpha <= 0) or prob <= 0:
-        return None
-    return SoftMixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
-                     mode=mode, method=method, seed=seed, rank=rank)

@@ -3,9 +3,11 @@ import os
 from typing import Any, Optional, Sequence, Tuple
 
 from PIL import Image
+from timm.data import create_dataset
 
 from timm_ferkd.bank.format import DatasetIdentity
 from timm_ferkd.bank.identity import dataset_identity
+from timm_ferkd.data.cluttered import CLUTTERED_PREFIX, create_cluttered_dataset
 from timm_ferkd.errors import ConfigError
 
 __all__ = ['ImageSource', 'create_image_source', 'image_mode_for_chans', 'stats_for_chans']
@@ -92,12 +94,14 @@ def create_image_source(
     Returns:
         The source.
     """
-    from timm_ferkd.registration import create_dataset  # timm's, plus this package's dataset names
     if root is not None and not name.lower().startswith(('hfds/', 'hfids/')) and not os.path.exists(root):
         raise ConfigError(f'--data-dir {root} does not exist')
     try:
-        dataset = create_dataset(name, root=root, split=split, download=download, is_training=False,
-                                 input_img_mode=image_mode, **kwargs)
+        if name.lower().startswith(CLUTTERED_PREFIX):
+            dataset = create_cluttered_dataset(name, root, split, download=download, image_mode=image_mode, **kwargs)
+        else:
+            dataset = create_dataset(name, root=root, split=split, download=download, is_training=False,
+                                     input_img_mode=image_mode, **kwargs)
     except AssertionError as e:
         raise ConfigError(f'unknown dataset {name!r}: {e}') from None
     except (RuntimeError, FileNotFoundError) as e:

@@ -20,42 +20,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from timm_ferkd.bank.format import (
     MANIFEST_NAME, BankManifest, ShardRecord, TeacherInfo)
 from timm_ferkd.bank.codes import label_storage, label_tensors
 from timm_ferkd.bank.labels import LABEL_TYPES, stored_k, top_values
-from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, check_region_params, replay_region
+from timm_ferkd.bank.regions import (
+    SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, check_region_params, pil_interpolation, replay_region)
 from timm_ferkd.bank.validate import shard_metadata
 from timm_ferkd.bank.writer import atomic_write_bytes, finished_shards, sha256_file, write_shard
 from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans, stats_for_chans
 from timm_ferkd.errors import BankError, ConfigError
 
-__all__ = ['GenerateConfig', 'generate_bank', 'pil_interpolation', 'resume_settings', 'BYTE_NEUTRAL_OPTIONS']
+__all__ = ['GenerateConfig', 'generate_bank', 'resume_settings', 'BYTE_NEUTRAL_OPTIONS']
 
 _logger = logging.getLogger(__name__)
 _SETTINGS_NAME = 'generation.json'
 # GenerateConfig fields that change no byte of the shards (the dataset options only choose the images,
 # which the manifest's dataset identity records). Every other field is in ``resume_settings``.
 BYTE_NEUTRAL_OPTIONS = ('output', 'data_dir', 'download', 'extra_dataset_kwargs', 'workers', 'progress')
-
-_PIL_INTERPOLATION = {
-    'nearest': Image.Resampling.NEAREST, 'bilinear': Image.Resampling.BILINEAR,
-    'bicubic': Image.Resampling.BICUBIC, 'lanczos': Image.Resampling.LANCZOS,
-    'box': Image.Resampling.BOX, 'hamming': Image.Resampling.HAMMING,
-}
-
-
-def pil_interpolation(name: str) -> Image.Resampling:
-    """PIL filter for a timm interpolation name ('bilinear', 'bicubic', ...)."""
-    try:
-        return _PIL_INTERPOLATION[name]
-    except KeyError:
-        raise ConfigError(
-            f'unknown interpolation {name!r}; choose one of {", ".join(_PIL_INTERPOLATION)}') from None
-
 
 @dataclass
 class GenerateConfig:
@@ -146,7 +130,7 @@ class _CropDataset(Dataset):
     """Item i: all R regions of image i, cropped and resized for the teacher, uint8 [R, C, H, W]."""
 
     def __init__(self, source: ImageSource, sampler: RegionSampler, regions: int,
-                 size: Tuple[int, int], interpolation: Image.Resampling):
+                 size: Tuple[int, int], interpolation: int):
         self.source = source
         self.sampler = sampler
         self.regions = regions
@@ -203,13 +187,13 @@ def _create_teacher(cfg: GenerateConfig, device: torch.device):
     import timm
     # without --checkpoint or --pretrained every rank must still build the same (random) teacher
     torch.manual_seed(cfg.seed)
+    if ':' not in cfg.model and not timm.is_model(cfg.model):  # 'hf-hub:...' and 'local-dir:...' go to timm
+        raise ConfigError(f'unknown --model {cfg.model!r}; list names with timm.list_models()')
     try:
         model = timm.create_model(
             cfg.model, pretrained=cfg.pretrained, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
             checkpoint_path=cfg.checkpoint or '')
     except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise ConfigError(f'unknown --model {cfg.model!r}; list names with timm.list_models()') from None
         raise ConfigError(f'cannot load teacher {cfg.model} from {cfg.checkpoint}: {str(e).splitlines()[0]}') from None
     model.eval().to(device)
     if cfg.channels_last and device.type == 'cuda':
