@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import timm.data
 import torch.nn as nn
 import yaml
 
@@ -48,7 +49,7 @@ from timm.utils import (
 from timm_ferkd.data.source import stats_for_chans
 from timm_ferkd.errors import ConfigError, FerKDError
 from timm_ferkd.losses import DISTILL_LOSS_CLASSES, DISTILL_LOSS_TYPES
-from timm_ferkd.registration import create_dataset  # timm's, plus --dataset ferkd-cluttered/...
+from timm_ferkd.registration import register_with_timm
 
 _logger = logging.getLogger('train_ferkd')
 
@@ -477,6 +478,7 @@ class _Stop:
 
 def main(argv=None) -> int:
     setup_default_logging()
+    register_with_timm()  # timm's create_dataset now builds 'ferkd/...' region datasets and 'ferkd-cluttered/...'
     args, args_text = _parse_args(argv)
     try:
         return _train(args, args_text)
@@ -631,7 +633,6 @@ def _create_train_loader(args, data_config, device, bank):
     interpolation = data_config['interpolation']
     if bank is not None:
         from timm_ferkd.data.calibration import CalibrationConfig
-        from timm_ferkd.data.dataset import create_region_dataset
         from timm_ferkd.data.loader import create_region_loader
         from timm_ferkd.data.mixing import create_selfmix
         if _split_range(args.dataset, args.train_split)[1] is not None:
@@ -640,8 +641,9 @@ def _create_train_loader(args, data_config, device, bank):
         calibration = CalibrationConfig(
             low=args.calib_low, mid=args.calib_mid, top=args.calib_top, quantile=args.calib_quantile,
             eps=args.calib_eps)
-        dataset = create_region_dataset(
-            args.dataset, root=args.data_dir, split=args.train_split, soft_labels=bank, num_crops=args.num_crops,
+        # the one construction path: timm's factory, which register_with_timm() taught the 'ferkd/' names
+        dataset = timm.data.create_dataset(
+            'ferkd/' + args.dataset, root=args.data_dir, split=args.train_split, soft_labels=bank, num_crops=args.num_crops,
             input_size=data_config['input_size'], interpolation=interpolation, in_chans=args.in_chans,
             calibration=calibration, prob_shift=args.prob_shift, label_temperature=args.label_temperature,
             color_jitter=args.color_jitter, seed=args.seed, num_classes=args.num_classes,
@@ -657,7 +659,7 @@ def _create_train_loader(args, data_config, device, bank):
         return loader, None
     split, split_range = _split_range(args.dataset, args.train_split)
     try:
-        dataset = create_dataset(
+        dataset = timm.data.create_dataset(
             args.dataset, root=args.data_dir, split=split, is_training=True,
             class_map=args.class_map, download=args.dataset_download, seed=args.seed,
             input_img_mode='L' if args.in_chans == 1 else 'RGB')
@@ -682,7 +684,7 @@ def _create_train_loader(args, data_config, device, bank):
 def _create_eval_loader(args, data_config, device):
     split, split_range = _split_range(args.dataset, args.val_split)
     try:
-        dataset = create_dataset(
+        dataset = timm.data.create_dataset(
             args.dataset, root=args.data_dir, split=split, is_training=False,
             class_map=args.class_map, download=args.dataset_download,
             input_img_mode='L' if args.in_chans == 1 else 'RGB')

@@ -141,15 +141,29 @@ def test_ferkd_dataset_prefix(registered, folder, tmp_path):
 
 def test_ferkd_losses(registered):
     from timm_ferkd import losses
+    from timm_ferkd.registration import TimmCriterion
     for name in FERKD_LOSS_TYPES:
+        if losses.create_distill_loss(name).needs_features:
+            with pytest.raises(ConfigError, match='FerKDTask'):
+                timm.loss.create_classification_loss(loss_type=name)
+            continue
         loss = timm.loss.create_classification_loss(loss_type=name)
-        assert type(loss) is type(losses.create_distill_loss(name))
-    assert timm.loss.create_classification_loss('kd', temperature=3.0).temperature == 3.0
+        assert isinstance(loss, TimmCriterion) and type(loss.loss) is type(losses.create_distill_loss(name))
+    assert timm.loss.create_classification_loss('kd', temperature=3.0).loss.temperature == 3.0
     with pytest.raises(ConfigError, match='smoothing'):
         timm.loss.create_classification_loss('ferkd', smoothing=0.1)
     with pytest.raises(ConfigError, match='multi_label'):
         timm.loss.create_classification_loss('soft_ce', multi_label=True)
-    # timm's ClassificationTask builds its criterion through the patched binding
+    # timm's ClassificationTask builds its criterion through the patched binding and trains on its loss tensor
+    torch.manual_seed(0)
     model = timm.create_model('test_resnet', num_classes=5)
     task = timm.task.ClassificationTask(model, criterion_kwargs=dict(loss_type='ferkd'))
-    assert isinstance(task.criterion, losses.FerKDLoss)
+    assert isinstance(task.criterion, TimmCriterion) and isinstance(task.criterion.loss, losses.FerKDLoss)
+    x = torch.randn(4, 3, 32, 32)
+    soft = torch.softmax(torch.randn(4, 5), dim=1)
+    target = {'soft': soft, 'label': soft.argmax(1), 'weight': torch.ones(4)}
+    result = task(x, target)
+    assert result['loss'].ndim == 0
+    expected = losses.FerKDLoss()(result['output'], target)['loss']
+    torch.testing.assert_close(result['loss'], expected)
+    result['loss'].backward()

@@ -31,6 +31,9 @@ import inspect
 import sys
 from typing import Any, Callable, Dict, List, Tuple
 
+import torch
+import torch.nn as nn
+
 from timm_ferkd.errors import ConfigError
 from timm_ferkd.losses import DISTILL_LOSS_TYPES, create_distill_loss
 
@@ -153,7 +156,29 @@ def _create_ferkd_loss(signature: inspect.Signature, loss_type: str, args: tuple
             raise ConfigError(
                 f'loss {loss_type!r} is a timm-ferkd distillation loss: timm option {key}={value!r} does not apply '
                 f'(pass the loss\'s own arguments, e.g. temperature=..., instead)')
-    return create_distill_loss(loss_type, **extra)
+    loss = create_distill_loss(loss_type, **extra)
+    if getattr(loss, 'needs_features', False):
+        raise ConfigError(f'loss {loss_type!r} needs the student\'s pre-logit features, which timm\'s ClassificationTask '
+                          f'does not pass: train it with timm_ferkd.FerKDTask')
+    return TimmCriterion(loss)
+
+
+class TimmCriterion(nn.Module):
+    """A distillation loss as a timm criterion: ``criterion(output, target)`` returns the total loss tensor.
+
+    timm's tasks take the criterion's result as the loss; the distillation losses return a dict of their
+    terms, whose ``'loss'`` this returns (the terms stay available as ``criterion.loss``).
+
+    Args:
+        loss: A loss of :func:`timm_ferkd.losses.create_distill_loss`.
+    """
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, output: torch.Tensor, target: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss(output, target)['loss']
 
 
 def _timm_loss_types() -> Tuple[str, ...]:
