@@ -193,6 +193,8 @@ class Bench:
                 if method.mode == 'online':
                     flags += ['--kd-model-name', a.teacher, '--kd-checkpoint', str(teacher)]
             val = ['--val-split', self.val_split] if validate_on == 'val' else ['--val-split', 'test']
+            if a.smoke:
+                val += ['--val-subset', '256']
             self.seconds[exp] = self.run(f'{exp}: {method.description}', [
                 sys.executable, REPO / 'train_ferkd.py', *self.common(), '--model', a.student,
                 '-b', str(a.batch_size), '--lr', str(lr), '--experiment', exp, '--seed', str(seed), *val,

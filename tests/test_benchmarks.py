@@ -46,13 +46,16 @@ def test_generation_throughput():
 def test_accuracy(fmnist_root, teacher_checkpoint, tmp_path):
     # a ready teacher (random test_resnet) skips teacher training; three methods cover the three modes
     out = run_benchmark('accuracy.py', '--data-dir', fmnist_root, '--teacher-dir', teacher_checkpoint,
-                        '--methods', 'plain', 'online_kd', 'ferkd_selfmix', '--output', tmp_path)
-    assert 'best top-1' in out and 'vs plain' in out and 'calibration thresholds (quantiles)' in out
-    for method in ('plain', 'online_kd', 'ferkd_selfmix'):
-        assert f'\n{method} ' in out
+                        '--methods', 'plain', 'online_kd', 'fkd', 'ferkd_selfmix', '--output', tmp_path)
     results = (tmp_path / 'results.md').read_text()
-    assert '| method | mode |' in results and '| ferkd_selfmix | offline | 1 x 4 |' in results
-    assert (tmp_path / 'convergence.png').is_file()
+    # selection on the validation split, then the test split once
+    assert '## Selection on the validation split (train[59936:]' in results and '## Test split' in results
+    assert '| method | LR | final top-1 | best top-1 | final - plain (paired, ± s.e.) |' in results
+    for method in ('plain', 'online_kd', 'fkd', 'ferkd_selfmix'):
+        assert f'| {method} | 0.1 |' in results
+    assert "| plain | 0.1 | " in out and (tmp_path / 'convergence.png').is_file()
+    runs = tmp_path / 'runs'
+    assert (runs / 'sel-plain-lr0.1-s100').is_dir() and (runs / 'test-ferkd_selfmix-s0').is_dir()
 
 
 def test_scaling(fmnist_root):
