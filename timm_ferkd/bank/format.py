@@ -23,7 +23,7 @@ import os
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -146,12 +146,15 @@ class BankManifest:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + '\n'
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any], source: str = 'manifest') -> 'BankManifest':
-        """Parse and check a manifest dictionary.
+    def from_dict(cls, data: Dict[str, Any], source: str = 'manifest',
+                  schema: Optional[Callable[[Dict[str, Any], str], None]] = None) -> 'BankManifest':
+        """Parse a manifest dictionary.
 
         Args:
             data: Parsed JSON.
             source: Where it came from, for error messages.
+            schema: Checks types and ranges first, raising ``BankError`` (``bank.validate.validate_manifest``;
+                passed in by the reader so that the format does not import its validation).
 
         Returns:
             The manifest.
@@ -165,9 +168,8 @@ class BankManifest:
             raise BankError(
                 f'{source} has bank format version {version}, newer than this timm-ferkd '
                 f'({__version__}, format {FORMAT_VERSION}): upgrade with `pip install -U timm-ferkd`')
-        # the schema lives with the other checks; imported here since it needs these classes
-        from timm_ferkd.bank.validate import validate_manifest
-        validate_manifest(data, source)
+        if schema is not None:
+            schema(data, source)
         try:
             data = dict(data)
             teacher = dict(data['teacher'])
@@ -185,8 +187,9 @@ class BankManifest:
         return manifest
 
     @classmethod
-    def load(cls, path: os.PathLike) -> 'BankManifest':
-        """Read ``manifest.json`` from a bank directory (or the file itself)."""
+    def load(cls, path: os.PathLike,
+             schema: Optional[Callable[[Dict[str, Any], str], None]] = None) -> 'BankManifest':
+        """Read ``manifest.json`` from a bank directory (or the file itself); ``schema`` as in :meth:`from_dict`."""
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST_NAME
@@ -200,7 +203,7 @@ class BankManifest:
             raise BankError(f'cannot read {path}: {e.strerror}') from None
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise BankError(f'{path} is not valid JSON ({e}); the bank is corrupt, regenerate or re-download it') from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path), schema=schema)
 
 
 def read_safetensors_header(path: os.PathLike) -> Tuple[Dict[str, Any], int]:

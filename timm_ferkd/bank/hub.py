@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple, Union
 
 from timm_ferkd.bank.format import MANIFEST_NAME, BankManifest
+from timm_ferkd.bank.validate import validate_manifest
 from timm_ferkd.bank.writer import sha256_file
 from timm_ferkd.errors import BankError, ConfigError, HubError
 
@@ -311,7 +312,7 @@ def _read_manifest(path: Path, name: str) -> BankManifest:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BankError(f'{name}: {MANIFEST_NAME} is not valid JSON ({e}); the repo is not a usable bank') from None
-    manifest = BankManifest.from_dict(data, source=f'{name} {MANIFEST_NAME}')
+    manifest = BankManifest.from_dict(data, source=f'{name} {MANIFEST_NAME}', schema=validate_manifest)
     for record in manifest.shards:
         if not _SHARD_FILE.fullmatch(record.file):
             raise BankError(f'{name}: {MANIFEST_NAME} lists an invalid shard file name {record.file!r}; '

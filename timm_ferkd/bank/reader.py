@@ -14,7 +14,7 @@ from timm_ferkd.bank.format import (
 from timm_ferkd.bank.codes import decode_values, packed_row_bytes, storage_of, unpack_indices
 from timm_ferkd.bank.labels import dense_targets, index_dtype
 from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, Regions, explicit_regions
-from timm_ferkd.bank.validate import check_safetensors_header, check_shard_metadata, check_shard_values, sample_rows
+from timm_ferkd.bank.validate import validate_manifest, check_safetensors_header, check_shard_metadata, check_shard_values, sample_rows
 from timm_ferkd.bank.writer import sha256_file
 from timm_ferkd.errors import BankError
 
@@ -111,7 +111,7 @@ class SoftLabelBank:
 
     def __init__(self, path: Union[str, os.PathLike], validate: bool = False):
         self.path = Path(path)
-        self.manifest = BankManifest.load(self.path)
+        self.manifest = BankManifest.load(self.path, schema=validate_manifest)
         m = self.manifest
         if m.sampler not in (SAMPLER_NAME, EXPLICIT_SAMPLER) or m.sampler_version > SAMPLER_VERSION:
             raise BankError(
