@@ -12,7 +12,8 @@ from safetensors.numpy import save
 from timm_ferkd.bank.format import BankManifest, ShardRecord, shard_file_name
 from timm_ferkd.errors import BankError
 
-__all__ = ['atomic_write_bytes', 'sha256_file', 'write_shard', 'shard_record_path', 'finished_shards']
+__all__ = ['atomic_write_bytes', 'sha256_file', 'write_shard', 'shard_record_path', 'finished_shards',
+           'discard_unfinished']
 
 _CHUNK = 1 << 20
 _UMASK = os.umask(0)
@@ -127,3 +128,21 @@ def finished_shards(bank_dir: os.PathLike, manifest: BankManifest) -> Dict[int, 
         if path.is_file() and path.stat().st_size == record.bytes:
             done[s] = record
     return done
+
+
+def discard_unfinished(bank_dir: os.PathLike, manifest: BankManifest, settings_name: str, created: bool) -> None:
+    """After a failure before any shard was finished, leave no file (and no directory we made) behind.
+
+    Args:
+        bank_dir: Bank directory being written.
+        manifest: The bank's manifest (its shard layout).
+        settings_name: The command's settings file in ``bank_dir`` (``generation.json``, ``import.json``).
+        created: Whether the failed command created ``bank_dir``.
+    """
+    out = Path(bank_dir)
+    if finished_shards(out, manifest):
+        return  # finished shards stay: the same command resumes them
+    for path in [out / settings_name, *out.glob('shard-*.safetensors*')]:
+        path.unlink(missing_ok=True)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()

@@ -43,7 +43,7 @@ from timm_ferkd.bank.format import (
     EXPLICIT_SAMPLER, MANIFEST_NAME, BankManifest, TeacherInfo)
 from timm_ferkd.bank.codes import label_storage, label_tensors
 from timm_ferkd.bank.validate import shard_metadata
-from timm_ferkd.bank.writer import atomic_write_bytes, finished_shards, write_shard
+from timm_ferkd.bank.writer import atomic_write_bytes, discard_unfinished, finished_shards, write_shard
 from timm_ferkd.errors import BankError, ConfigError, FerKDError
 
 __all__ = [
@@ -431,7 +431,7 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     try:
         _write_shards(items, manifest, settings, todo, out, targets, cfg, report)
     except BaseException:
-        _discard_unfinished(out, manifest, created)
+        discard_unfinished(out, manifest, SETTINGS_NAME, created)
         raise
     report.filled = len(missing)
 
@@ -444,16 +444,6 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     atomic_write_bytes(out / REPORT_NAME, (json.dumps(asdict(report), indent=2) + '\n').encode())
     atomic_write_bytes(out / MANIFEST_NAME, manifest.to_json().encode())
     return report
-
-
-def _discard_unfinished(out: Path, manifest: BankManifest, created: bool) -> None:
-    """After a failure before any shard was finished, leave no file (and no directory we made) behind."""
-    if finished_shards(out, manifest):
-        return  # finished shards stay: the same command resumes them
-    for path in [out / SETTINGS_NAME, *out.glob('shard-*.safetensors*')]:
-        path.unlink(missing_ok=True)
-    if created and out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
 
 
 def _check_output(out: Path, settings: Dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from timm_ferkd.bank.labels import LABEL_TYPES, stored_k, top_values
 from timm_ferkd.bank.regions import (
     SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, check_region_params, pil_interpolation, replay_region)
 from timm_ferkd.bank.validate import shard_metadata
-from timm_ferkd.bank.writer import atomic_write_bytes, finished_shards, sha256_file, write_shard
+from timm_ferkd.bank.writer import atomic_write_bytes, discard_unfinished, finished_shards, sha256_file, write_shard
 from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans, stats_for_chans
 from timm_ferkd.errors import BankError, ConfigError
 
@@ -331,19 +331,9 @@ def generate_bank(cfg: GenerateConfig) -> Path:
         _generate(cfg, manifest, settings, source, model, teacher, device, out, rank, world)
     except BaseException:
         if world == 1:
-            _discard_unfinished(out, manifest, created)
+            discard_unfinished(out, manifest, _SETTINGS_NAME, created)
         raise
     return out
-
-
-def _discard_unfinished(out: Path, manifest: BankManifest, created: bool) -> None:
-    """After a failure before any shard was finished, leave no file (and no directory we made) behind."""
-    if finished_shards(out, manifest):
-        return  # finished shards stay: the same command resumes them
-    for path in [out / _SETTINGS_NAME, *out.glob('shard-*.safetensors*')]:
-        path.unlink(missing_ok=True)
-    if created and out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
 
 
 def _generate(cfg, manifest, settings, source, model, teacher, device, out: Path, rank: int, world: int) -> None:
