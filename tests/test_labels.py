@@ -2,10 +2,18 @@ import numpy as np
 import pytest
 import torch
 
-from timm_ferkd.bank.labels import dense_targets, index_dtype, quantize, stored_k
+from timm_ferkd.bank.codes import label_storage, label_tensors
+from timm_ferkd.bank.labels import dense_targets, index_dtype, stored_k, top_values
 from timm_ferkd.errors import ConfigError
 
 PROBS = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.05, 0.05]])  # C = 6
+
+
+def quantize(probs, label_type, k):
+    """What a format-1 (fp16) shard stores for ``probs``: the writer's own path."""
+    indices, values = top_values(probs, label_type, k)
+    tensors = label_tensors(indices, values, label_storage(probs.shape[1], label_type, 'float16'))
+    return tensors.get('topk_indices'), tensors['topk_values']
 
 
 def roundtrip(label_type, k):

@@ -22,7 +22,7 @@ import torch
 
 from timm_ferkd.errors import ConfigError
 
-__all__ = ['LABEL_TYPES', 'stored_k', 'index_dtype', 'top_values', 'quantize', 'dense_targets']
+__all__ = ['LABEL_TYPES', 'stored_k', 'index_dtype', 'top_values', 'dense_targets']
 
 LABEL_TYPES = ('marginal_smoothing', 'marginal_renorm', 'smoothing', 'hard', 'full')
 
@@ -73,23 +73,6 @@ def top_values(probs: torch.Tensor, label_type: str, k: int) -> Tuple[Optional[n
         return None, probs.float().cpu().numpy()
     values, indices = torch.topk(probs.float(), k, dim=1, largest=True, sorted=True)
     return indices.cpu().numpy(), values.cpu().numpy()
-
-
-def quantize(probs: torch.Tensor, label_type: str, k: int) -> Tuple[Optional[np.ndarray], np.ndarray]:
-    """Turn teacher probabilities into what a format-1 (fp16) shard stores.
-
-    Args:
-        probs: [N, C] teacher probabilities.
-        label_type: One of ``LABEL_TYPES``.
-        k: Stored k (``stored_k``).
-
-    Returns:
-        (indices [N, k] in ``index_dtype(C)`` or None for 'full', values [N, k] float16 sorted descending).
-    """
-    indices, values = top_values(probs, label_type, k)
-    if indices is not None:
-        indices = indices.astype(index_dtype(probs.shape[1]))
-    return indices, values.astype(np.float16)
 
 
 def dense_targets(
