@@ -34,6 +34,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import timm.data
+import timm.loss
 import torch.nn as nn
 import yaml
 
@@ -594,9 +595,7 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
     stop = _Stop()
     best_metric = None
     for epoch in range(start_epoch, num_epochs):
-        if hasattr(loader_train, 'set_epoch'):
-            loader_train.set_epoch(epoch)
-        elif hasattr(loader_train.sampler, 'set_epoch'):
+        if hasattr(loader_train.sampler, 'set_epoch'):  # timm's idiom; a region loader's selects the regions too
             loader_train.sampler.set_epoch(epoch)
         train_metrics = _train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, autocast, loss_scaler, lr_scheduler,
@@ -713,18 +712,22 @@ def _loss_kwargs(args, name: str, flags) -> Dict[str, Any]:
 
 
 def _create_task(args, model, mode, device):
+    """Every criterion comes from timm's ``create_classification_loss`` (register_with_timm() taught it ours)."""
     from timm_ferkd.task import FerKDTask, create_task
+    verbose = args.rank == 0
     if mode == 'plain':
         return ClassificationTask(model, criterion_kwargs=dict(
-            smoothing=args.smoothing, soft_targets=args.mixup > 0 or args.cutmix > 0), device=device,
-            verbose=args.rank == 0)
+            smoothing=args.smoothing, soft_targets=args.mixup > 0 or args.cutmix > 0), device=device, verbose=verbose)
     if mode == 'offline':
-        loss_kwargs = _loss_kwargs(args, args.distill_loss, _DISTILL_FLAGS)
-        return FerKDTask(model, loss=args.distill_loss, loss_kwargs=loss_kwargs, device=device, verbose=args.rank == 0)
+        criterion = timm.loss.create_classification_loss(
+            loss_type=args.distill_loss, **_loss_kwargs(args, args.distill_loss, _DISTILL_FLAGS))
+        return FerKDTask(model, loss=criterion, device=device, verbose=verbose)
     teacher = _create_teacher(args, model)
     loss_kwargs = _loss_kwargs(args, args.kd_loss, _ONLINE_FLAGS)
-    return create_task(model, loss=args.kd_loss, loss_kwargs=loss_kwargs, teacher=teacher, device=device,
-                       verbose=args.rank == 0)
+    if args.kd_loss == 'kd' and not loss_kwargs.get('probability_shift'):
+        return create_task(model, loss='kd', loss_kwargs=loss_kwargs, teacher=teacher, device=device, verbose=verbose)
+    criterion = timm.loss.create_classification_loss(loss_type=args.kd_loss, online=True, **loss_kwargs)
+    return create_task(model, loss=criterion, teacher=teacher, device=device, verbose=verbose)
 
 
 def _create_teacher(args, student: nn.Module) -> nn.Module:

@@ -60,9 +60,7 @@ def measure(loader, min_crops: int, warmup_steps: int) -> float:
     """Crops per second over whole passes, after ``warmup_steps`` untimed steps."""
     epoch, steps, crops, start = 0, 0, 0, None
     while start is None or crops < min_crops:
-        if hasattr(loader, 'set_epoch'):
-            loader.set_epoch(epoch)
-        elif hasattr(loader.sampler, 'set_epoch'):
+        if hasattr(getattr(loader, 'sampler', None), 'set_epoch'):  # timm's idiom; ours selects regions too
             loader.sampler.set_epoch(epoch)
         for x, _ in loader:
             steps += 1

@@ -188,9 +188,7 @@ def batches(loader) -> Iterable:
     """Endless batches over successive epochs (epoch boundaries included, as in real training)."""
     epoch = 0
     while True:
-        if hasattr(loader, 'set_epoch'):
-            loader.set_epoch(epoch)
-        elif hasattr(getattr(loader, 'sampler', None), 'set_epoch'):
+        if hasattr(getattr(loader, 'sampler', None), 'set_epoch'):  # timm's idiom; ours selects regions too
             loader.sampler.set_epoch(epoch)
         yield from loader
         epoch += 1

@@ -82,6 +82,21 @@ def test_workers_and_persistent_workers_follow_set_epoch(dataset):
     assert loader.sampler.epoch == 3 and loader.dataset.epoch == 3
 
 
+def test_timm_sampler_set_epoch_selects_the_whole_epoch(dataset):
+    # timm's train loop calls loader.sampler.set_epoch(epoch): regions, order and SelfMix must follow it
+    def make():
+        mix = create_selfmix(mixup_alpha=1.0, cutmix_alpha=1.0, num_crops=K, mode='pair', seed=1)
+        return _loader(dataset, selfmix=mix)
+    expected = _epoch(make(), 4)
+    loader = make()
+    loader.sampler.set_epoch(4)
+    got = [(x.clone(), t) for x, t in loader]
+    assert loader.epoch == 4 and loader.dataset.epoch == 4 and loader.mixing.epoch == 4
+    for (x0, t0), (x1, t1) in zip(expected, got):
+        assert torch.equal(x0, x1) and torch.equal(t0['region'], t1['region'])
+    assert not torch.equal(_epoch(make(), 0)[0][0], expected[0][0])
+
+
 def test_two_ranks_see_distinct_images(dataset):
     seen = []
     for rank in (0, 1):

@@ -143,12 +143,18 @@ def test_ferkd_losses(registered):
     from timm_ferkd import losses
     from timm_ferkd.registration import TimmCriterion
     for name in FERKD_LOSS_TYPES:
-        if losses.create_distill_loss(name).needs_features:
-            with pytest.raises(ConfigError, match='FerKDTask'):
-                timm.loss.create_classification_loss(loss_type=name)
-            continue
         loss = timm.loss.create_classification_loss(loss_type=name)
         assert isinstance(loss, TimmCriterion) and type(loss.loss) is type(losses.create_distill_loss(name))
+    # FNKD needs features: timm's ClassificationTask cannot pass them, this package's tasks take the same criterion
+    fnkd = timm.loss.create_classification_loss(loss_type='fnkd', tau=2.0)
+    assert fnkd.loss.needs_features and fnkd.loss.tau == 2.0
+    soft4 = torch.softmax(torch.randn(2, 5), dim=1)
+    with pytest.raises(ConfigError, match='FerKDTask'):
+        fnkd(torch.randn(2, 5), {'soft': soft4, 'label': soft4.argmax(1), 'weight': torch.ones(2)})
+    from timm_ferkd.task import FerKDTask
+    assert FerKDTask(timm.create_model('test_resnet', num_classes=5), fnkd, verbose=False).criterion is fnkd.loss
+    online = timm.loss.create_classification_loss(loss_type='dtd', online=True)
+    assert online.loss.needs_teacher
     assert timm.loss.create_classification_loss('kd', temperature=3.0).loss.temperature == 3.0
     with pytest.raises(ConfigError, match='smoothing'):
         timm.loss.create_classification_loss('ferkd', smoothing=0.1)

@@ -43,6 +43,7 @@ __all__ = [
     'KDLoss',
     'DTDLoss',
     'FNKDLoss',
+    'TimmCriterion',
     'create_distill_loss',
     'make_target',
     'probability_shift',
@@ -671,3 +672,26 @@ def create_distill_loss(name: str, **kwargs) -> nn.Module:
     except TypeError as e:
         # Misspelled / foreign kwargs are a user configuration error, report them as such.
         raise ConfigError(f'Invalid arguments for distillation loss {key!r}: {e}') from e
+
+
+class TimmCriterion(nn.Module):
+    """A distillation loss as a timm criterion: ``criterion(output, target)`` returns the total loss tensor.
+
+    timm's tasks take the criterion's result as the loss; the distillation losses return a dict of their
+    terms, whose ``'loss'`` this returns. This package's tasks unwrap it and use ``loss`` directly, so a
+    criterion from timm's ``create_classification_loss`` trains in :class:`~timm_ferkd.task.FerKDTask` too.
+
+    Args:
+        loss: A loss of :func:`create_distill_loss`.
+    """
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, output: torch.Tensor, target: Dict[str, torch.Tensor]) -> torch.Tensor:
+        if getattr(self.loss, 'needs_features', False):
+            raise ConfigError(
+                f'{type(self.loss).__name__} needs the student\'s pre-logit features, which timm\'s ClassificationTask '
+                f'does not pass: train it with timm_ferkd.FerKDTask (or OnlineDistillTask)')
+        return self.loss(output, target)['loss']

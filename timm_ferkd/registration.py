@@ -15,8 +15,9 @@ inside ``timm.data.create_dataset`` and ``timm.loss.create_classification_loss``
   are ignored, other keyword arguments go to :func:`~timm_ferkd.data.dataset.create_region_dataset`);
 * ``create_classification_loss(loss_type)`` with a name of :data:`FERKD_LOSS_TYPES`
   (``'soft_ce'``, ``'ferkd'``, ``'kd'``, ``'dtd'``, ``'fnkd'``) returns
-  ``timm_ferkd.losses.create_distill_loss(loss_type, **extra_kwargs)``, so
-  ``ClassificationTask(criterion_kwargs=dict(loss_type='ferkd'))`` works.
+  ``TimmCriterion(create_distill_loss(loss_type, **extra_kwargs))``, so
+  ``ClassificationTask(criterion_kwargs=dict(loss_type='ferkd'))`` works, and this package's tasks
+  accept the same criterion (``train_ferkd.py`` builds every criterion this way).
 
 Every other name goes to timm's original function untouched (same arguments, same result, same
 errors); a name timm itself defines always stays timm's. The functions are imported by name into
@@ -31,15 +32,12 @@ import inspect
 import sys
 from typing import Any, Callable, Dict, List, Tuple
 
-import torch
-import torch.nn as nn
-
 from timm_ferkd.errors import ConfigError
-from timm_ferkd.losses import DISTILL_LOSS_TYPES, create_distill_loss
+from timm_ferkd.losses import DISTILL_LOSS_TYPES, TimmCriterion, create_distill_loss
 
 __all__ = [
     'FERKD_DATASET_PREFIX', 'FERKD_CLUTTERED_PREFIX', 'FERKD_LOSS_TYPES', 'create_dataset', 'register_with_timm',
-    'unregister_from_timm', 'is_registered',
+    'unregister_from_timm', 'is_registered', 'TimmCriterion',
 ]
 
 FERKD_DATASET_PREFIX = 'ferkd/'
@@ -156,29 +154,7 @@ def _create_ferkd_loss(signature: inspect.Signature, loss_type: str, args: tuple
             raise ConfigError(
                 f'loss {loss_type!r} is a timm-ferkd distillation loss: timm option {key}={value!r} does not apply '
                 f'(pass the loss\'s own arguments, e.g. temperature=..., instead)')
-    loss = create_distill_loss(loss_type, **extra)
-    if getattr(loss, 'needs_features', False):
-        raise ConfigError(f'loss {loss_type!r} needs the student\'s pre-logit features, which timm\'s ClassificationTask '
-                          f'does not pass: train it with timm_ferkd.FerKDTask')
-    return TimmCriterion(loss)
-
-
-class TimmCriterion(nn.Module):
-    """A distillation loss as a timm criterion: ``criterion(output, target)`` returns the total loss tensor.
-
-    timm's tasks take the criterion's result as the loss; the distillation losses return a dict of their
-    terms, whose ``'loss'`` this returns (the terms stay available as ``criterion.loss``).
-
-    Args:
-        loss: A loss of :func:`timm_ferkd.losses.create_distill_loss`.
-    """
-
-    def __init__(self, loss: nn.Module):
-        super().__init__()
-        self.loss = loss
-
-    def forward(self, output: torch.Tensor, target: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.loss(output, target)['loss']
+    return TimmCriterion(create_distill_loss(loss_type, **extra))
 
 
 def _timm_loss_types() -> Tuple[str, ...]:

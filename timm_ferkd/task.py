@@ -19,12 +19,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from timm.models import group_parameters
 from timm.task import DistillationTeacher, LogitDistillationTask, TrainingTask
+from timm.task.distillation import FeatureDistillationTrainableModule
 from timm.utils import unwrap_model
 
 from timm_ferkd.errors import ConfigError
-from timm_ferkd.losses import ONLINE_DISTILL_LOSS_TYPES, create_distill_loss, make_target
+from timm_ferkd.losses import ONLINE_DISTILL_LOSS_TYPES, TimmCriterion, create_distill_loss, make_target
 
 __all__ = ['StudentFeatureModule', 'FerKDTask', 'OnlineDistillTask', 'create_task']
 
@@ -51,7 +51,13 @@ def _resolve_loss(
         device: torch.device,
         **defaults: Any,
 ) -> nn.Module:
-    """A loss module from a name (+ kwargs) or an explicit module (not both)."""
+    """A loss module from a name (+ kwargs) or an explicit module (not both).
+
+    A :class:`~timm_ferkd.losses.TimmCriterion` (what timm's ``create_classification_loss`` returns for
+    this package's names once registered) is unwrapped: the tasks need the loss's dict of terms.
+    """
+    if isinstance(loss, TimmCriterion):
+        loss = loss.loss
     if isinstance(loss, str):
         loss = create_distill_loss(loss, **{**defaults, **(loss_kwargs or {})})
     elif loss_kwargs:
@@ -61,36 +67,19 @@ def _resolve_loss(
     return loss.to(device=device)
 
 
-class StudentFeatureModule(nn.Module):
-    """Student wrapper returning logits and the pre-logit features they were computed from.
+class StudentFeatureModule(FeatureDistillationTrainableModule):
+    """timm's feature-distillation wrapper, with logits computed from the features they return.
 
-    Logits are the classifier applied to the pre-logit features, so features and logits share
-    one forward (one dropout mask) and satisfy ``z = W f + b`` exactly, as FNKD assumes.
+    timm's module runs the head twice (logits, then pre-logits); here the logits are the classifier
+    applied to the pre-logit features, so both share one forward (one dropout mask) and satisfy
+    ``z = W f + b`` exactly, as FNKD assumes. ``no_weight_decay`` and ``group_matcher`` are timm's.
 
     Args:
         student: A timm model (``forward_features``, ``forward_head``, ``get_classifier``).
     """
 
     def __init__(self, student: nn.Module):
-        super().__init__()
-        self.student = student
-
-    def no_weight_decay(self):
-        student = unwrap_model(self.student)
-        if not hasattr(student, 'no_weight_decay'):
-            return set()
-        return {'student.' + name for name in student.no_weight_decay()}
-
-    def group_matcher(self, coarse: bool = False):
-        student = unwrap_model(self.student)
-        if not hasattr(student, 'group_matcher'):
-            return {}
-        layer_map = group_parameters(student, student.group_matcher(coarse=coarse), reverse=True)
-        last_layer = max(layer_map.values(), default=0)
-
-        def _matcher(name):
-            return layer_map.get(name[len('student.'):], last_layer)
-        return _matcher
+        super().__init__(student)
 
     def forward(self, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Forward the student.

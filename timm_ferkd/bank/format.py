@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from timm_ferkd.errors import BankError
 from timm_ferkd.version import __version__
@@ -72,8 +73,8 @@ class TeacherInfo:
     pretrained: bool = False
     input_size: Tuple[int, int, int] = (3, 224, 224)
     interpolation: str = 'bicubic'
-    mean: Tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: Tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: Tuple[float, ...] = IMAGENET_DEFAULT_STD
 
 
 @dataclass

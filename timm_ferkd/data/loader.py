@@ -82,6 +82,14 @@ class EpochKeySampler(Sampler):
     def __len__(self) -> int:
         return len(self.sampler)
 
+    @property
+    def num_replicas(self) -> int:
+        return getattr(self.sampler, 'num_replicas', 1)
+
+    @property
+    def rank(self) -> int:
+        return getattr(self.sampler, 'rank', 0)
+
 
 def _adapt_to_chans(values: Sequence[float], chans: int, name: str) -> Tuple[float, ...]:
     values = tuple(float(v) for v in (values if isinstance(values, (tuple, list)) else (values,)))
@@ -144,9 +152,9 @@ class RegionLoader:
         return self.loader.dataset
 
     @property
-    def sampler(self) -> Sampler:
-        """The index sampler (``DistributedSampler``); ``loader.sampler`` is its epoch-key wrapper."""
-        return self.loader.sampler.sampler
+    def sampler(self) -> EpochKeySampler:
+        """The epoch-keyed sampler: timm's ``loader.sampler.set_epoch(epoch)`` selects the whole epoch."""
+        return self.loader.sampler
 
     @property
     def num_crops(self) -> int:
@@ -179,9 +187,15 @@ class RegionLoader:
             self.mixing.mix_enabled = bool(value)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select epoch ``epoch`` everywhere: image order, region choice, jitter and mixing."""
-        self.epoch = int(epoch)
-        self.loader.sampler.set_epoch(self.epoch)
+        """Select epoch ``epoch`` everywhere: image order, region choice, jitter and mixing.
+
+        The same as timm's ``loader.sampler.set_epoch(epoch)``: the dataset and the mixing follow the
+        sampler's epoch when an iteration starts.
+        """
+        self.sampler.set_epoch(epoch)
+
+    def _follow_sampler_epoch(self) -> None:
+        self.epoch = self.sampler.epoch
         self.dataset.set_epoch(self.epoch)
         if self.mixing is not None and hasattr(self.mixing, 'set_epoch'):
             self.mixing.set_epoch(self.epoch)
@@ -193,6 +207,7 @@ class RegionLoader:
         return crops, target
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+        self._follow_sampler_epoch()
         if self.is_cuda:
             if self.stream is None:
                 self.stream = torch.cuda.Stream(device=self.device)
