@@ -31,16 +31,18 @@ import argparse
 import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.profiler import ProfilerActivity
 
 # presets per target; any flag given on the command line wins
 PRESETS: Dict[str, Dict[str, object]] = {
@@ -200,29 +202,91 @@ def to_device(module: nn.Module, args: argparse.Namespace, device: torch.device)
     return module.to(memory_format=torch.channels_last) if args.channels_last else module
 
 
-def time_training(task: nn.Module, loader, args: argparse.Namespace, device: torch.device) -> float:
-    """Crops per second of whole steps (load, forward, backward, SGD update) after the warm-up."""
+def time_training(task: nn.Module, loader, args: argparse.Namespace, device: torch.device,
+                  profile: Optional[Dict[str, float]] = None) -> float:
+    """Crops per second of whole steps (load, forward, backward, SGD update) after the warm-up.
+
+    With ``profile`` (a dict), the timed steps run under ``torch.profiler`` instead, with each phase of
+    the step (and the parts of the data path and task listed in :func:`phase_labels`) in a
+    ``record_function``; the dict receives milliseconds per step for each phase.
+    """
     optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.01, momentum=0.9)
     autocast = autocast_for(device, args.amp)
     task.train()
     crops, start = 0, None
     stream = batches(loader)
-    for step in range(args.warmup_steps + args.steps):
-        if step == args.warmup_steps:
-            synchronize(device)
-            start = time.perf_counter()
-        x, target = next(stream)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            loss = task(x, target)['loss']
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if start is not None:
-            crops += x.shape[0]
-    synchronize(device)
-    return crops / (time.perf_counter() - start)
+    phase = _phase if profile is not None else lambda name: nullcontext()
+    with ExitStack() as stack:
+        for step in range(args.warmup_steps + args.steps):
+            if step == args.warmup_steps:
+                synchronize(device)
+                if profile is not None:
+                    for owner, attr, label in phase_labels(task, loader):
+                        stack.enter_context(_labelled(owner, attr, label))
+                    prof = stack.enter_context(torch.profiler.profile(activities=[ProfilerActivity.CPU]))
+                start = time.perf_counter()
+            with phase('data'):
+                x, target = next(stream)
+                if args.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            with phase('forward + loss'):
+                with autocast():
+                    loss = task(x, target)['loss']
+            with phase('backward'):
+                loss.backward()
+            with phase('optimizer'):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if start is not None:
+                crops += x.shape[0]
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    if profile is not None:
+        totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key in PHASES}
+        profile.update({name: totals.get(name, 0.0) / 1e3 / args.steps for name in PHASES})
+        profile['whole step'] = elapsed * 1e3 / args.steps
+    return crops / elapsed
+
+
+# the phases of a profiled step: the loop's four, then parts inside them (ms of each include their parts)
+PHASES = ('data', 'data: to device + normalise', 'data: SelfMix', 'forward + loss', 'task: target dict',
+          'task: loss', 'backward', 'optimizer')
+
+
+def _phase(name: str):
+    return torch.profiler.record_function(name)
+
+
+@contextmanager
+def _labelled(owner: object, attr: str, label: str):
+    """Run ``owner.attr`` inside ``record_function(label)`` for the duration of the context."""
+    original = getattr(owner, attr)
+
+    def wrapper(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return original(*args, **kwargs)
+
+    setattr(owner, attr, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, original)
+
+
+def phase_labels(task: nn.Module, loader) -> List[Tuple[object, str, str]]:
+    """(owner, attribute, label) of the parts of a step worth naming, for this task and loader.
+
+    Instance attributes where Python looks them up on the instance (``forward``, ``_to_device``); the
+    class for ``__call__``; the module global for ``make_target``. Parts a method lacks are skipped.
+    """
+    import timm_ferkd.task
+    labels = [(task.criterion, 'forward', 'task: loss')]
+    if hasattr(loader, '_to_device'):
+        labels.append((loader, '_to_device', 'data: to device + normalise'))
+        labels.append((timm_ferkd.task, 'make_target', 'task: target dict'))
+    if getattr(loader, 'mixing', None) is not None:
+        labels.append((type(loader.mixing), '__call__', 'data: SelfMix'))
+    return labels
 
 
 def time_compute(fn: Callable[[], None], reps: int, device: torch.device) -> float:
@@ -267,13 +331,14 @@ def compute_times(pair: Pair, args: argparse.Namespace, device: torch.device) ->
     return t, s
 
 
-def run_plain(folder: Path, pair: Pair, args: argparse.Namespace, device: torch.device) -> float:
+def run_plain(folder: Path, pair: Pair, args: argparse.Namespace, device: torch.device,
+              profile: Optional[Dict[str, float]] = None) -> float:
     """Crops/s of plain timm training of the pair's student."""
     from timm.task import ClassificationTask
     student = create_model(pair.student, args.num_classes, args.input_size)
     task = to_device(ClassificationTask(student, criterion_kwargs=dict(smoothing=0.1), device=device, verbose=False),
                      args, device)
-    return time_training(task, plain_loader(folder, student, args, device), args, device)
+    return time_training(task, plain_loader(folder, student, args, device), args, device, profile)
 
 
 def run_online(folder: Path, pair: Pair, args: argparse.Namespace, device: torch.device) -> float:
@@ -286,12 +351,13 @@ def run_online(folder: Path, pair: Pair, args: argparse.Namespace, device: torch
     return time_training(task, plain_loader(folder, student, args, device), args, device)
 
 
-def run_ferkd(folder: Path, bank: Path, pair: Pair, args: argparse.Namespace, device: torch.device) -> float:
+def run_ferkd(folder: Path, bank: Path, pair: Pair, args: argparse.Namespace, device: torch.device,
+              profile: Optional[Dict[str, float]] = None) -> float:
     """Crops/s of offline FerKD: region loader (calibration, SelfMix) and ``FerKDTask``."""
     from timm_ferkd.task import FerKDTask
     student = create_model(pair.student, args.num_classes, args.input_size)
     task = to_device(FerKDTask(student, 'ferkd', device=device, verbose=False), args, device)
-    return time_training(task, region_loader(folder, bank, student, args, device), args, device)
+    return time_training(task, region_loader(folder, bank, student, args, device), args, device, profile)
 
 
 def verdict(ok: bool) -> str:
@@ -299,8 +365,9 @@ def verdict(ok: bool) -> str:
     return 'met' if ok else 'MISSED'
 
 
-def report(pair: Pair, rates: Dict[str, float], t: float, s: float, num_crops: int) -> None:
-    """Print one pair's table, ratios and goals."""
+def report(pair: Pair, rates: Dict[str, float], t: float, s: float, num_crops: int,
+           ratios: Sequence[float]) -> None:
+    """Print one pair's table, ratios (with their spread over repeats) and goals."""
     plain, online, ours = rates['plain'], rates['online'], rates['ferkd']
     bound = 1 + t / s
     print(f'\npair {pair}: teacher forward {t * 1e3:.1f} ms/batch, student step {s * 1e3:.1f} ms/batch '
@@ -312,9 +379,24 @@ def report(pair: Pair, rates: Dict[str, float], t: float, s: float, num_crops: i
     for name, rate in rows:
         print(f'{name:<58} {rate:>9.1f} {rate / plain:>9.2f} {rate / online:>10.2f}')
     fraction = ours / online / bound
-    print(f'ours/plain = {ours / plain:.2f} (goal >= 1.0: {verdict(ours / plain >= 1.0)}); '
+    mean = statistics.fmean(ratios)
+    spread = (max(ratios) - min(ratios)) / mean
+    print(f'ours/plain per repeat: {", ".join(f"{r:.3f}" for r in ratios)}; mean {mean:.3f}, '
+          f'spread (max - min) / mean = {spread:.1%}')
+    print(f'ours/plain = {mean:.2f} (goal >= 1.0: {verdict(mean >= 1.0)}); '
           f'ours/online = {ours / online:.2f} = {fraction:.2f} x bound {bound:.2f} '
           f'(goal >= 0.9 x bound: {verdict(fraction >= 0.9)})', flush=True)
+
+
+def report_profile(student: str, plain: Dict[str, float], ours: Dict[str, float]) -> None:
+    """Print ms per step of each phase, plain timm against ours."""
+    print(f'\nprofile of one step, {student} (torch.profiler, CPU time of each phase in ms/step; '
+          f'a phase includes the parts indented under it)')
+    print(f'{"phase":<34} {"plain":>8} {"ferkd":>8} {"ferkd - plain":>14}')
+    for name in ('whole step',) + PHASES:
+        a, b = plain.get(name, 0.0), ours.get(name, 0.0)
+        label = name if ':' not in name else '  ' + name
+        print(f'{label:<34} {a:>8.1f} {b:>8.1f} {b - a:>+14.1f}')
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -344,6 +426,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--threads', type=int, default=None,
                         help='torch intra-op threads of the main process (default 0: torch\'s choice; smoke: 1)')
     parser.add_argument('--data-dir', default=None, help='keep the images and banks here (reused when present)')
+    parser.add_argument('--repeats', type=int, default=1,
+                        help='measure plain and ferkd this many times, alternating, and report the spread')
+    parser.add_argument('--profile', action='store_true',
+                        help='also profile plain and ferkd steps with torch.profiler and print ms per phase')
     parser.add_argument('--smoke', action='store_true', help='tiny, fast configuration for CI')
     args = parser.parse_args(argv)
     apply_presets(args, PRESETS)
@@ -371,19 +457,30 @@ def main(argv: Optional[List[str]] = None) -> int:
           f'batch {args.batch_size} crops, {args.workers} workers, amp {args.amp}, channels_last {args.channels_last}, '
           f'{args.steps} timed steps after {args.warmup_steps}', flush=True)
 
-    # plain and ferkd depend only on the student: measured once per student
-    per_student: Dict[str, Dict[str, float]] = {}
+    # plain and ferkd depend only on the student: measured once per student, --repeats times, alternating
+    # which goes first so that a drift of the machine's speed does not favour one
+    per_student: Dict[str, Tuple[Dict[str, float], List[float]]] = {}
     for pair in pairs:
         bank_teacher = pair.teacher if args.bank_teacher == 'pair' else args.bank_teacher
         bank = prepare_bank(folder, base / f'bank-{bank_teacher}', bank_teacher, args, device)
         if pair.student not in per_student:
-            per_student[pair.student] = {
-                'plain': run_plain(folder, pair, args, device),
-                'ferkd': run_ferkd(folder, bank, pair, args, device),
-            }
-        rates = dict(per_student[pair.student], online=run_online(folder, pair, args, device))
+            runs = {'plain': [], 'ferkd': []}
+            for repeat in range(args.repeats):
+                order = ('plain', 'ferkd') if repeat % 2 == 0 else ('ferkd', 'plain')
+                for method in order:
+                    runs[method].append(run_plain(folder, pair, args, device) if method == 'plain'
+                                        else run_ferkd(folder, bank, pair, args, device))
+            ratios = [o / p for o, p in zip(runs['ferkd'], runs['plain'])]
+            per_student[pair.student] = ({k: statistics.fmean(v) for k, v in runs.items()}, ratios)
+            if args.profile:
+                plain_profile, ours_profile = {}, {}
+                run_plain(folder, pair, args, device, plain_profile)
+                run_ferkd(folder, bank, pair, args, device, ours_profile)
+                report_profile(pair.student, plain_profile, ours_profile)
+        rates, ratios = per_student[pair.student]
+        rates = dict(rates, online=run_online(folder, pair, args, device))
         t, s = compute_times(pair, args, device)
-        report(pair, rates, t, s, args.num_crops)
+        report(pair, rates, t, s, args.num_crops, ratios)
     if tmp is not None:
         tmp.cleanup()
     return 0

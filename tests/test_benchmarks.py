@@ -22,7 +22,9 @@ def run_benchmark(script: str, *args, timeout: float = 300) -> str:
 
 
 def test_train_throughput():
-    out = run_benchmark('train_throughput.py')
+    out = run_benchmark('train_throughput.py', '--repeats', '2', '--profile')
+    assert 'profile of one step' in out and 'task: loss' in out and 'data: SelfMix' in out
+    assert 'ours/plain per repeat: ' in out and 'spread (max - min) / mean' in out
     assert 'method' in out and 'crops/s' in out and 'vs online' in out
     for row in ('plain timm', 'online KD timm', 'ferkd offline'):
         assert row in out
