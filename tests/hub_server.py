@@ -5,6 +5,7 @@ paths use (read from huggingface_hub 2.x):
 
 ==========================================================  ==========================================
 GET  /api/{type}s/{repo}[/revision/{rev}]                   repo info (``sha`` = resolved commit)
+GET  /api/{type}s/{repo}/tree/{rev}[/{path}]                file listing (one page; repos here have no folders)
 HEAD/GET /[{type}s/]{repo}/resolve/{rev}/{path}             file, with X-Repo-Commit, ETag, Content-Length
                                                             (and Range requests for resumed downloads)
 POST /api/repos/create                                      create a repo (409 when it exists)
@@ -236,6 +237,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._info(repo, 'main')
             if method == 'GET' and len(rest) == 2 and rest[0] == 'revision':
                 return self._info(repo, rest[1])
+            if method == 'GET' and len(rest) >= 2 and rest[0] == 'tree':
+                return self._tree(repo, rest[1], '/'.join(rest[2:]))
             if method == 'POST' and len(rest) == 2 and rest[0] == 'preupload':
                 return self._preupload(repo, rest[1], json.loads(body))
             if method == 'POST' and len(rest) == 2 and rest[0] == 'commit':
@@ -265,6 +268,14 @@ class _Handler(BaseHTTPRequestHandler):
             'id': repo.repo_id, 'sha': commit, 'private': repo.private, 'tags': [],
             'siblings': [{'rfilename': p, 'size': len(d)} for p, d in sorted(files.items())],
         })
+
+    def _tree(self, repo: _Repo, revision: str, folder: str) -> None:
+        commit = repo.resolve(revision)
+        if commit is None:
+            return self._error(404, 'RevisionNotFound', f'Invalid rev id: {revision}')
+        prefix = folder.rstrip('/') + '/' if folder else ''
+        self._json(200, [{'type': 'file', 'path': p, 'size': len(d), 'oid': git_blob_sha1(d)}
+                         for p, d in sorted(repo.commits[commit].items()) if p.startswith(prefix)])
 
     def _resolve(self, repo: _Repo, revision: str, path: str) -> None:
         commit = repo.resolve(revision)

@@ -155,7 +155,9 @@ def test_push_then_pull_roundtrip(fake_hub, fmnist_bank, tmp_path, capsys):
 
     # pull (CLI, sha256-verified) into a folder and into the cache: every file identical
     out = tmp_path / 'pulled'
-    assert cli_main(['pull', 'org/fmnist-test', '--local-dir', str(out), '--no-progress']) == 0
+    assert cli_main(['pull', 'org/fmnist-test', '--local-dir', str(out), '--no-progress', '--max-workers', '0']) == 2
+    assert '--max-workers is 0' in capsys.readouterr().err
+    assert cli_main(['pull', 'org/fmnist-test', '--local-dir', str(out), '--no-progress', '--max-workers', '2']) == 0
     assert head in capsys.readouterr().out
     assert _bank_files(out) == local
     hub_bank = pull_bank('hf-hub:org/fmnist-test', verify_checksums=True, progress=False)
@@ -236,10 +238,14 @@ def test_pull_manifest_only_and_progress(fake_hub, tmp_path, capsys):
     assert (hub_bank.path / MANIFEST_NAME).is_file()
     assert not list(hub_bank.path.glob('*.safetensors'))
     hub_bank = pull_bank('hf-hub:org/lazy', progress=True)
-    assert 'pull org/lazy' in capsys.readouterr().err
+    assert '3/3' in capsys.readouterr().err  # huggingface_hub's bar over the three shards
     assert len(list(hub_bank.path.glob('*.safetensors'))) == 3
-    pull_bank('hf-hub:org/lazy', progress=True)  # all cached: the bar still reaches the total
-    assert '100%' in capsys.readouterr().err.replace('\r', '\n').strip().splitlines()[-1]
+    seen = len(fake_hub.requests)
+    pull_bank('hf-hub:org/lazy', progress=True)  # all cached: nothing downloaded again, the bar still completes
+    assert '3/3' in capsys.readouterr().err
+    assert not [r for r in fake_hub.requests[seen:] if r[0] == 'GET' and '/resolve/' in r[1]]
+    pull_bank('hf-hub:org/lazy', progress=False)
+    assert capsys.readouterr().err == ''
 
 
 # ---------------------------------------------------------------------------------------------- offline
@@ -249,6 +255,8 @@ def test_offline_uses_cache_without_network(fake_hub, tmp_path, monkeypatch):
     bank = make_bank(tmp_path / 'bank')
     commit = push_bank(bank, 'org/offline').commit
     pulled = pull_bank('hf-hub:org/offline', progress=False).path
+    push_bank(bank, 'org/manifest-only')
+    pull_bank('hf-hub:org/manifest-only', download_shards=False)
     seen = len(fake_hub.requests)
 
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
@@ -258,8 +266,9 @@ def test_offline_uses_cache_without_network(fake_hub, tmp_path, monkeypatch):
     assert len(open_bank('hf-hub:org/offline', validate=True)) == 5
     assert len(fake_hub.requests) == seen  # not one request while offline
 
-    # offline and not cached: one line that says to go online or pull first
-    for name in ('hf-hub:org/offline@v2', 'hf-hub:org/other', f'hf-hub:org/other@{"b" * 40}'):
+    # offline and not cached (or only the manifest): one line that says to go online or pull first
+    for name in ('hf-hub:org/offline@v2', 'hf-hub:org/other', f'hf-hub:org/other@{"b" * 40}',
+                 'hf-hub:org/manifest-only'):
         with pytest.raises(HubError) as info:
             open_bank(name)
         message = str(info.value)

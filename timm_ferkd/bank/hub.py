@@ -19,11 +19,8 @@ Example:
     >>> hub_bank.commit, hub_bank.path      # record the commit for reproducibility
 """
 import json
-import logging
 import os
 import re
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +38,6 @@ __all__ = [
     'HF_HUB_PREFIX', 'REPO_TYPE', 'HubBank', 'PushResult', 'parse_hub_name', 'resolved_revision',
     'pull_bank', 'resolve_bank', 'open_bank', 'push_bank',
 ]
-
-_logger = logging.getLogger(__name__)
 
 HF_HUB_PREFIX = 'hf-hub:'
 REPO_TYPE = 'dataset'
@@ -130,32 +125,14 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _transport_errors() -> tuple:
-    """Exception classes of a network failure for the installed huggingface_hub (httpx2, httpx or requests)."""
-    errors = []
-    for module, attr in (('httpx2', 'TransportError'), ('httpx', 'TransportError'), ('requests', 'ConnectionError'),
-                         ('requests', 'Timeout')):
-        try:
-            errors.append(getattr(__import__(module), attr))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
-def _hf_errors(*names: str) -> tuple:
-    """``huggingface_hub.errors`` classes by name, skipping those an older release lacks."""
-    from huggingface_hub import errors
-    return tuple(getattr(errors, n) for n in names if hasattr(errors, n))
-
-
 @contextmanager
 def _hub_errors(repo_id: str, revision: Optional[str], action: str = 'resolve') -> Iterator[None]:
     """Turn ``huggingface_hub`` exceptions into one-line ``HubError`` messages."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError)
-    unreachable = _hf_errors('RevisionResolutionError', 'LocalEntryNotFoundError', 'OfflineModeIsEnabled') \
-        + _transport_errors()
+        GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, RevisionResolutionError)
+    from huggingface_hub.utils import httpx  # httpx or httpx2, whichever this huggingface_hub uses
     name = _display(repo_id, revision)
     try:
         yield
@@ -171,17 +148,15 @@ def _hub_errors(repo_id: str, revision: Optional[str], action: str = 'resolve') 
         raise HubError(
             f'{name}: dataset repo {repo_id} has no revision {revision!r}; use an existing branch, tag or '
             f'commit hash') from None
-    except _hf_errors('RemoteEntryNotFoundError', 'EntryNotFoundError') as e:
-        if isinstance(e, unreachable):  # LocalEntryNotFoundError is an EntryNotFoundError too
-            raise _unreachable(name, action) from None
+    except RemoteEntryNotFoundError:
         raise HubError(
             f'{name}: dataset repo {repo_id} is not a timm-ferkd bank (no {MANIFEST_NAME} at this revision); '
             f'publish one with `timm-ferkd push BANK {repo_id}`') from None
-    except unreachable as e:
+    except (RevisionResolutionError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError) as e:
         if action == 'push':
             raise HubError(f'cannot {action} {name}: the Hub at {constants.ENDPOINT} cannot be reached '
                            f'({_first_line(e)}); check your network, HF_ENDPOINT and HF_HUB_OFFLINE') from None
-        raise _unreachable(name, action) from None
+        raise _unreachable(name) from None
     except HFValidationError as e:
         raise HubError(f'{name}: invalid repo name or revision ({_first_line(e)})') from None
     except HfHubHTTPError as e:
@@ -191,7 +166,7 @@ def _hub_errors(repo_id: str, revision: Optional[str], action: str = 'resolve') 
         raise HubError(f'cannot {action} {name}: the Hub answered {status}: {_first_line(e)}{hint}') from None
 
 
-def _unreachable(name: str, action: str) -> HubError:
+def _unreachable(name: str) -> HubError:
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return HubError(
@@ -207,12 +182,20 @@ def _api():
     return HfApi()
 
 
-def _show_progress(progress: Optional[bool]) -> bool:
-    if progress is not None:
-        return progress
-    from huggingface_hub.utils import are_progress_bars_disabled
+def _progress_bar_class(progress: Optional[bool]):
+    """``tqdm_class`` for ``snapshot_download``; None: huggingface_hub's own bars (``HF_HUB_DISABLE_PROGRESS_BARS``)."""
     # under torchrun, one bar per node is enough
-    return os.environ.get('LOCAL_RANK', '0') == '0' and not are_progress_bars_disabled()
+    if progress is None and os.environ.get('LOCAL_RANK', '0') == '0':
+        return None
+    from tqdm.auto import tqdm
+    if progress:
+        return tqdm
+
+    class _Quiet(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **dict(kwargs, disable=True))
+
+    return _Quiet
 
 
 def resolved_revision(name: str, cache_dir: Optional[os.PathLike] = None) -> str:
@@ -227,84 +210,7 @@ def resolved_revision(name: str, cache_dir: Optional[os.PathLike] = None) -> str
     """
     repo_id, revision = parse_hub_name(name)
     with _hub_errors(repo_id, revision):
-        return _resolve_commit(repo_id, revision, cache_dir)
-
-
-def _resolve_commit(repo_id: str, revision: Optional[str], cache_dir: Optional[os.PathLike]) -> str:
-    """Revision -> commit hash: asks the Hub, falls back on the cache's ``refs/`` when it cannot be reached."""
-    api = _api()
-    if hasattr(api, 'resolve_revision'):
-        return api.resolve_revision(repo_id, repo_type=REPO_TYPE, revision=revision, cache_dir=cache_dir).resolved
-    # huggingface_hub releases without HfApi.resolve_revision: the same steps by hand
-    from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    from huggingface_hub.file_download import repo_folder_name
-    revision = revision or DEFAULT_REVISION
-    if _COMMIT.fullmatch(revision):
-        return revision
-    refs = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=REPO_TYPE) / 'refs'
-    try:
-        sha = api.dataset_info(repo_id, revision=revision).sha
-        try:  # remember it for offline use, like resolve_revision does
-            from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision
-            _cache_commit_hash_for_specific_revision(str(refs.parent), revision, sha)
-        except (ImportError, OSError):
-            pass
-        return sha
-    except HfHubHTTPError as e:
-        if e.response is None or e.response.status_code < 500:
-            raise
-    except _hf_errors('OfflineModeIsEnabled') + _transport_errors():
-        pass
-    if (refs / revision).is_file():
-        return (refs / revision).read_text().strip()
-    raise LocalEntryNotFoundError(
-        f'cannot resolve {repo_id}@{revision}: the Hub cannot be reached and it is not cached')
-
-
-class _SharedProgress:
-    """One byte bar for many ``hf_hub_download`` calls (each call gets its own tqdm stand-in)."""
-
-    def __init__(self, bar):
-        self.bar = bar
-        self.lock = threading.Lock()
-
-    def add(self, n: int) -> None:
-        if n:
-            with self.lock:
-                self.bar.update(n)
-
-    def file_class(self, counted: List[int]):
-        """A tqdm stand-in for one file: adds its bytes to the shared bar and to ``counted[0]``."""
-        shared = self
-
-        class _FileBar:
-            def __init__(self, *args, **kwargs):
-                self.update(kwargs.get('initial') or 0)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-            def update(self, n=1):
-                if n:
-                    counted[0] += n
-                    shared.add(n)
-
-            def __getattr__(self, name):  # close, refresh, set_postfix_str, update_transfer, ...
-                return lambda *args, **kwargs: None
-
-        return _FileBar
-
-
-def _download(repo_id: str, filename: str, commit: str, local_dir, cache_dir, force_download: bool,
-              tqdm_class=None) -> Path:
-    from huggingface_hub import hf_hub_download
-    return Path(hf_hub_download(
-        repo_id, filename, repo_type=REPO_TYPE, revision=commit, local_dir=local_dir, cache_dir=cache_dir,
-        force_download=force_download, tqdm_class=tqdm_class))
+        return _api().resolve_revision(repo_id, repo_type=REPO_TYPE, revision=revision, cache_dir=cache_dir).resolved
 
 
 def _read_manifest(path: Path, name: str) -> BankManifest:
@@ -339,54 +245,51 @@ def pull_bank(
         verify_checksums: Check each shard's sha256 against the manifest (sizes are always checked).
         force_download: Download again even when cached.
         cache_dir: Hugging Face cache (default: ``HF_HUB_CACHE``).
-        progress: Show a byte progress bar (default: unless huggingface_hub's bars are disabled, rank 0 only).
+        progress: Show progress bars (default: huggingface_hub's, unless disabled there; rank 0 only).
         max_workers: Parallel shard downloads.
 
     Returns:
         The resolved bank, with its commit hash and local directory.
     """
+    from huggingface_hub import hf_hub_download, snapshot_download
     repo_id, revision = parse_hub_name(name)
     display = _display(repo_id, revision)
     if local_dir is not None and Path(local_dir).exists() and not Path(local_dir).is_dir():
         raise ConfigError(f'--local-dir {local_dir} exists and is not a directory; choose a directory')
+    if max_workers < 1:
+        raise ConfigError(f'--max-workers is {max_workers}; give at least 1 (parallel shard downloads)')
+    commit = resolved_revision(name, cache_dir)
+    where = dict(repo_type=REPO_TYPE, local_dir=local_dir, cache_dir=cache_dir, force_download=force_download)
     with _hub_errors(repo_id, revision):
-        commit = _resolve_commit(repo_id, revision, cache_dir)
-        manifest_path = _download(repo_id, MANIFEST_NAME, commit, local_dir, cache_dir, force_download)
+        manifest_path = Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=commit, **where))
     manifest = _read_manifest(manifest_path, display)
     bank_dir = manifest_path.parent
     if download_shards and manifest.shards:
-        total = sum(r.bytes for r in manifest.shards)
-        bar = None
-        if _show_progress(progress):
-            from tqdm.auto import tqdm
-            bar = tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
-                       desc=f'pull {repo_id}')
-        shared = _SharedProgress(bar) if bar is not None else None
-
-        def fetch(record) -> Path:
-            counted = [0]
-            try:
-                path = _download(repo_id, record.file, commit, local_dir, cache_dir, force_download,
-                                 shared.file_class(counted) if shared is not None else None)
-            except _hf_errors('RemoteEntryNotFoundError'):
-                raise HubError(
-                    f'{display}: the repo at commit {commit[:10]} lacks {record.file}, which its {MANIFEST_NAME} '
-                    f'lists (an interrupted push?); push the bank again or use an earlier revision') from None
-            if shared is not None:  # cached files report nothing: count them when they are there
-                shared.add(max(record.bytes - counted[0], 0))
-            return path
-
-        try:
-            with _hub_errors(repo_id, revision), ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-                paths = list(pool.map(fetch, manifest.shards))
-        finally:
-            if bar is not None:
-                bar.close()
-        for record, path in zip(manifest.shards, paths):
-            if path.parent != bank_dir:
-                raise BankError(f'{display}: shard {record.file} landed in {path.parent}, not beside the manifest')
+        shard_files = [r.file for r in manifest.shards]
+        # the names match _SHARD_FILE, which has no glob characters: each pattern selects exactly its file
+        with _hub_errors(repo_id, revision):
+            snapshot_download(repo_id, revision=commit, allow_patterns=shard_files, max_workers=max_workers,
+                              tqdm_class=_progress_bar_class(progress), **where)
+        missing = [f for f in shard_files if not (bank_dir / f).is_file()]
+        if missing:
+            raise _missing_shards(repo_id, revision, commit, missing, local_dir, cache_dir)
         _check_files(manifest, bank_dir, display, verify_checksums)
     return HubBank(repo_id=repo_id, revision=revision or DEFAULT_REVISION, commit=commit, path=bank_dir)
+
+
+def _missing_shards(repo_id: str, revision: Optional[str], commit: str, missing: List[str], local_dir,
+                    cache_dir) -> HubError:
+    """Why shards the manifest lists are absent after ``snapshot_download`` returned."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    name = _display(repo_id, revision)
+    try:  # snapshot_download caches the file listing it got from the Hub
+        get_cached_repo_tree(repo_id, repo_type=REPO_TYPE, revision=commit, local_dir=local_dir, cache_dir=cache_dir)
+    except CachedRepoTreeNotFoundError:  # no listing: the Hub was not reached and the cache is incomplete
+        return _unreachable(name)
+    return HubError(
+        f'{name}: the repo at commit {commit[:10]} lacks {", ".join(missing)}, which its {MANIFEST_NAME} '
+        f'lists (an interrupted push?); push the bank again or use an earlier revision')
 
 
 def _check_files(manifest: BankManifest, bank_dir: Path, name: str, verify_checksums: bool) -> None:
@@ -437,11 +340,11 @@ def open_bank(name: Union[str, os.PathLike], validate: bool = False) -> 'SoftLab
 
 def _remote_shard_files(repo_id: str, revision: Optional[str]) -> List[str]:
     """Shard files listed by the bank already at ``revision`` (empty for a new repo)."""
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
     try:
-        commit = _resolve_commit(repo_id, revision, None)
-        path = _download(repo_id, MANIFEST_NAME, commit, None, None, False)
-        data = json.loads(path.read_text())
+        path = hf_hub_download(repo_id, MANIFEST_NAME, repo_type=REPO_TYPE, revision=revision)
+        data = json.loads(Path(path).read_text())
         return [s['file'] for s in data.get('shards', []) if _SHARD_FILE.fullmatch(str(s.get('file', '')))]
     except (EntryNotFoundError, HfHubHTTPError, ValueError, KeyError, TypeError, AttributeError):
         return []
