@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.utils.distributed import init_distributed_device_so
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from timm_ferkd.bank.format import (
@@ -29,7 +30,8 @@ from timm_ferkd.bank.labels import LABEL_TYPES, stored_k, top_values
 from timm_ferkd.bank.regions import (
     SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, check_region_params, pil_interpolation, replay_region)
 from timm_ferkd.bank.validate import shard_metadata
-from timm_ferkd.bank.writer import atomic_write_bytes, discard_unfinished, finished_shards, sha256_file, write_shard
+from timm_ferkd.bank.writer import (
+    atomic_write_bytes, check_resumable, discard_unfinished, finished_shards, sha256_file, write_shard)
 from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans, stats_for_chans
 from timm_ferkd.errors import BankError, ConfigError
 
@@ -173,16 +175,6 @@ def _collate(items):
             [(i[3], i[4]) for i in items])
 
 
-def _distributed() -> Tuple[int, int]:
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world > 1 and not dist.is_initialized():
-        backend = 'nccl' if torch.cuda.is_available() and os.environ.get('FERKD_DIST_BACKEND') != 'gloo' else 'gloo'
-        dist.init_process_group(backend=backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _create_teacher(cfg: GenerateConfig, device: torch.device):
     import timm
     # without --checkpoint or --pretrained every rank must still build the same (random) teacher
@@ -245,41 +237,6 @@ def resume_settings(cfg: GenerateConfig, manifest: BankManifest) -> dict:
     return json.loads(json.dumps(dict(manifest.settings(), execution=execution)))
 
 
-def _check_output(out: Path, current: dict) -> None:
-    """Refuse to mix two different generations in one directory."""
-    settings_path = out / _SETTINGS_NAME
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f'--output {out} exists and is not a directory')
-    if settings_path.is_file():
-        try:
-            previous = json.loads(settings_path.read_text())
-        except (OSError, ValueError, RecursionError):
-            previous = None
-        if not isinstance(previous, dict):
-            raise ConfigError(f'--output {out} has a corrupt {_SETTINGS_NAME}, so it cannot be resumed; delete '
-                              f'{out} or choose another --output')
-        diff = _differing(previous, current)
-        if diff:
-            shown = '; '.join(f'{k}: {json.dumps(a)} then, {json.dumps(b)} now' for k, a, b in diff[:3])
-            raise ConfigError(
-                f'--output {out} holds a bank generated with other settings ({", ".join(k for k, _, _ in diff)} '
-                f'differ; {shown}); rerun with the original flags to resume it, or choose another --output')
-    elif out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f'--output {out} is not empty and holds no bank generation; choose another --output')
-
-
-def _differing(previous: dict, current: dict, prefix: str = '') -> List[Tuple[str, Any, Any]]:
-    """(dotted key, previous value, current value) of every setting that differs."""
-    out = []
-    for key in sorted(set(previous) | set(current)):
-        a, b = previous.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differing(a, b, f'{prefix}{key}.')
-        elif a != b:
-            out.append((prefix + key, a, b))
-    return out
-
-
 def generate_bank(cfg: GenerateConfig) -> Path:
     """Label ``cfg.regions`` regions of every image with the teacher and write a bank to ``cfg.output``.
 
@@ -290,11 +247,11 @@ def generate_bank(cfg: GenerateConfig) -> Path:
         The bank directory.
     """
     cfg.check()
-    rank, world = _distributed()
-    if cfg.device.startswith('cuda') and world > 1:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-    else:
-        device = torch.device(cfg.device)
+    if dist.is_initialized():  # the caller's process group: timm would refuse to start a second one
+        rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device(cfg.device)
+    else:  # joins torchrun's (or SLURM's) group: gloo on CPU, nccl on CUDA, cuda:LOCAL_RANK per process
+        env = init_distributed_device_so(device=cfg.device)
+        rank, world, device = env['global_rank'], env['world_size'], torch.device(env['device'])
     source = create_image_source(cfg.dataset, cfg.data_dir, cfg.split, image_mode=image_mode_for_chans(cfg.in_chans),
                                  download=cfg.download, **cfg.extra_dataset_kwargs)
     model = _create_teacher(cfg, device)
@@ -316,7 +273,7 @@ def generate_bank(cfg: GenerateConfig) -> Path:
     )
     out = Path(cfg.output)
     settings = resume_settings(cfg, manifest)
-    _check_output(out, settings)
+    check_resumable(out, _SETTINGS_NAME, settings, 'a bank generation')
     if world > 1:
         dist.barrier()
     created = not out.exists()
