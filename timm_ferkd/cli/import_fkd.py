@@ -1,5 +1,6 @@
 """``timm-ferkd import-fkd``: convert official FKD / FerKD soft-label folders into a bank."""
 import argparse
+from dataclasses import fields
 
 from timm_ferkd.bank.codes import VALUE_DTYPES
 from timm_ferkd.labelling.fkd_import import FKD_LABEL_TYPES, REPORT_NAME, FKDImportConfig, import_fkd
@@ -37,12 +38,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = FKDImportConfig(
-        src=args.src, output=args.output, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
-        label_type=args.label_type, num_classes=args.num_classes, regions=args.regions, teacher=args.teacher,
-        temperature=args.temperature, scale=tuple(args.scale), images_per_shard=args.images_per_shard,
-        value_dtype=args.value_dtype,
-        workers=args.workers, fill_missing=args.fill_missing, progress=args.progress)
+    names = {f.name for f in fields(FKDImportConfig)}
+    cfg = FKDImportConfig(**{k: v for k, v in vars(args).items() if k in names})
+    cfg.scale = tuple(cfg.scale)
     report = import_fkd(cfg)
     print(report.summary())
     if report.extra:
