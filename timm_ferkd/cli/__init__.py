@@ -13,17 +13,8 @@ from timm_ferkd.version import __version__
 
 __all__ = ['main', 'build_parser']
 
-# subcommand name -> module in this package defining register(subparsers)
-_COMMANDS = {
-    'generate': 'generate',
-    'inspect': 'inspect',
-    'verify': 'verify',
-    'plot': 'plot',
-    'demo': 'demo',
-    'pull': 'pull',
-    'push': 'push',
-    'import-fkd': 'import_fkd',
-}
+# modules of this package defining register(subparsers), in the order `timm-ferkd --help` lists them
+_COMMANDS = ('generate', 'inspect', 'verify', 'plot', 'demo', 'pull', 'push', 'import_fkd')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog='timm-ferkd', description='Offline knowledge distillation for timm: soft-label banks and tools.')
     parser.add_argument('--version', action='version', version=f'timm-ferkd {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
-    for module in _COMMANDS.values():
+    for module in _COMMANDS:
         importlib.import_module(f'timm_ferkd.cli.{module}').register(subparsers)
     return parser
 
