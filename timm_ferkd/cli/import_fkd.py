@@ -1,7 +1,7 @@
 """``timm-ferkd import-fkd``: convert official FKD / FerKD soft-label folders into a bank."""
 import argparse
-from dataclasses import fields
 
+from timm_ferkd.cli import config_from_args
 from timm_ferkd.bank.codes import VALUE_DTYPES
 from timm_ferkd.labelling.fkd_import import FKD_LABEL_TYPES, REPORT_NAME, FKDImportConfig, import_fkd
 
@@ -38,10 +38,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    names = {f.name for f in fields(FKDImportConfig)}
-    cfg = FKDImportConfig(**{k: v for k, v in vars(args).items() if k in names})
-    cfg.scale = tuple(cfg.scale)
-    report = import_fkd(cfg)
+    report = import_fkd(config_from_args(FKDImportConfig, args))
     print(report.summary())
     if report.extra:
         print(f'label files without an image, e.g. {report.extra[0]} (all listed in {args.output}/{REPORT_NAME})')

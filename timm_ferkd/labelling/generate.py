@@ -14,14 +14,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.utils.distributed import init_distributed_device_so
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from timm_ferkd.bank.format import (
     MANIFEST_NAME, BankManifest, ShardRecord, TeacherInfo)
@@ -152,22 +152,6 @@ class _CropDataset(Dataset):
         if crops.ndim == 3:
             crops = crops[..., None]
         return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous(), index, target, height, width
-
-
-class _ShardBatches(Sampler):
-    """Batches of image indices that never cross a shard boundary."""
-
-    def __init__(self, shard_ranges: Sequence[Tuple[int, int]], images_per_batch: int):
-        self.batches: List[List[int]] = []
-        for first, count in shard_ranges:
-            for start in range(first, first + count, images_per_batch):
-                self.batches.append(list(range(start, min(start + images_per_batch, first + count))))
-
-    def __iter__(self) -> Iterator[List[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 def _collate(items):
@@ -319,19 +303,20 @@ def _label_shards(cfg, manifest, settings, source, model, teacher: TeacherInfo, 
     sampler = RegionSampler(seed=cfg.seed, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio))
     crops = _CropDataset(source, sampler, cfg.regions, size, pil_interpolation(teacher.interpolation))
     ranges = [manifest.shard_range(s) for s in todo]
-    images_per_batch = max(1, cfg.batch_size // cfg.regions)
+    step = max(1, cfg.batch_size // cfg.regions)  # images per loader batch; no batch crosses a shard boundary
+    batches = [list(range(start, min(start + step, first + count)))
+               for first, count in ranges for start in range(first, first + count, step)]
     loader = DataLoader(
-        crops, batch_sampler=_ShardBatches(ranges, images_per_batch), num_workers=cfg.workers,
+        crops, batch_sampler=batches, num_workers=cfg.workers,
         collate_fn=_collate, pin_memory=device.type == 'cuda',
         persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None)
     mean = torch.tensor(teacher.mean, device=device).view(1, -1, 1, 1) * 255
     std = torch.tensor(teacher.std, device=device).view(1, -1, 1, 1) * 255
     amp_dtype = torch.bfloat16 if cfg.amp_dtype == 'bfloat16' else torch.float16
     total_images = sum(count for _, count in ranges) * world
-    progress = None
-    if rank == 0 and cfg.progress and todo:
-        from tqdm import tqdm
-        progress = tqdm(total=total_images, unit='img', desc='generate', dynamic_ncols=True)
+    from tqdm import tqdm
+    progress = tqdm(total=total_images, unit='img', desc='generate', dynamic_ncols=True,
+                    disable=not (rank == 0 and cfg.progress and todo))
     start = time.perf_counter()
     labelled = 0
 
@@ -386,12 +371,10 @@ def _label_shards(cfg, manifest, settings, source, model, teacher: TeacherInfo, 
             probs_out.clear()
             meta = []
             current = next(shard_iter, None)
-            if progress is not None:
-                progress.update(count * world)
-                elapsed = time.perf_counter() - start
-                progress.set_postfix(img_s=f'{labelled / elapsed:.1f}', regions_s=f'{labelled * cfg.regions / elapsed:.0f}')
-    if progress is not None:
-        progress.close()
+            progress.update(count * world)
+            elapsed = time.perf_counter() - start
+            progress.set_postfix(img_s=f'{labelled / elapsed:.1f}', regions_s=f'{labelled * cfg.regions / elapsed:.0f}')
+    progress.close()
     elapsed = time.perf_counter() - start
     if rank == 0 and labelled:
         _logger.info(f'labelled {labelled} images ({labelled * cfg.regions} regions) on rank 0 in {elapsed:.1f}s: '
