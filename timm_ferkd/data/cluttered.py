@@ -125,7 +125,7 @@ class ClutterConfig:
 
     @property
     def max_object_size(self) -> int:
-        return _object_side(self.scale[1])
+        return max(1, int(round(_SOURCE_SIZE * self.scale[1])))
 
     def canonical(self) -> str:
         """The parameters in name syntax, every one given (``canvas=64,scale=0.8-1.2,...``)."""
@@ -159,10 +159,6 @@ def _format_value(value: Any) -> str:
     if isinstance(value, tuple):
         return '-'.join(map(repr, value))  # repr round-trips floats: distinct values never share a key
     return repr(value)
-
-
-def _object_side(factor: float) -> int:
-    return max(1, int(round(_SOURCE_SIZE * factor)))
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -423,10 +419,6 @@ def render_cluttered(
 _ARRAYS = ('images', 'targets', 'boxes')
 
 
-def _cache_dir(root: os.PathLike, config: ClutterConfig) -> Path:
-    return Path(root) / CACHE_FOLDER / config.cache_key()
-
-
 def _save_npy(path: Path, array: np.ndarray) -> str:
     """Write an .npy atomically (temporary file, then rename); returns the sha256 of the array's bytes."""
     array = np.ascontiguousarray(array)
@@ -482,7 +474,7 @@ def materialize_cluttered(
         ({'images': uint8 [N, C, C], 'targets': int64 [N], 'boxes': int64 [N, 4]}, cache folder or None).
         Cached arrays are read-only memory maps.
     """
-    folder = _cache_dir(root, config)
+    folder = Path(root) / CACHE_FOLDER / config.cache_key()
     if cache:
         arrays = _load_cache(folder, split, config)
         if arrays is not None:

@@ -81,10 +81,8 @@ def fkd_safe_globals() -> List[Any]:
         np.dtype,
     ]
     dtypes = getattr(np, 'dtypes', None)  # numpy >= 1.25: each dtype has its own class
-    for name in ('Float32DType', 'Float16DType', 'Int64DType', 'BoolDType'):
-        if dtypes is not None and hasattr(dtypes, name):
-            allowed.append(getattr(dtypes, name))
-    return allowed
+    return allowed + [getattr(dtypes, name) for name in ('Float32DType', 'Float16DType', 'Int64DType', 'BoolDType')
+                      if hasattr(dtypes, name)]
 
 
 def _allowed_names() -> set:
@@ -368,17 +366,10 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     num_classes = cfg.num_classes or (len(class_to_idx) if class_to_idx else int(targets.max()) + 1)
 
     available = _index_label_files(root)
-    label_files: List[Optional[str]] = []
-    used = set()
-    missing = []
-    for rel in rel_paths:
-        key = next((k for k in fkd_label_keys(rel) if k in available), None)
-        label_files.append(None if key is None else available[key])
-        if key is None:
-            missing.append(rel)
-        else:
-            used.add(key)
-    extra = sorted(k + FKD_SUFFIX for k in available if k not in used)
+    keys = [next((k for k in fkd_label_keys(rel) if k in available), None) for rel in rel_paths]
+    label_files: List[Optional[str]] = [None if key is None else available[key] for key in keys]
+    missing = [rel for rel, key in zip(rel_paths, keys) if key is None]
+    extra = sorted(k + FKD_SUFFIX for k in set(available) - set(keys))
     report = FKDImportReport(bank=str(cfg.output), label_root=str(root), num_images=len(rel_paths),
                              matched=len(rel_paths) - len(missing), missing=missing, extra=extra, filled=0)
     if report.matched == 0:

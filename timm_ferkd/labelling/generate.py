@@ -34,6 +34,7 @@ from timm_ferkd.bank.writer import (
     atomic_write_bytes, check_resumable, discard_unfinished, finished_shards, sha256_file, write_shard)
 from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans, stats_for_chans
 from timm_ferkd.errors import BankError, ConfigError
+from timm_ferkd.losses import feature_normalized_logits
 
 __all__ = ['GenerateConfig', 'generate_bank', 'resume_settings', 'BYTE_NEUTRAL_OPTIONS']
 
@@ -337,9 +338,8 @@ def _label_shards(cfg, manifest, settings, source, model, teacher: TeacherInfo, 
                 logits = model(x).float() / cfg.temperature
             else:
                 feature_map = model.forward_features(x)
-                features = model.forward_head(feature_map, pre_logits=True).float()
-                logits = model.forward_head(feature_map).float()
-                logits = cfg.fnkd_tau * logits / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                logits = feature_normalized_logits(model.forward_head(feature_map).float(),
+                                                   model.forward_head(feature_map, pre_logits=True), cfg.fnkd_tau)
         probs_out.append(F.softmax(logits, dim=1).cpu())
 
     def flush(final: bool) -> None:
