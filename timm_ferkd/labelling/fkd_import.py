@@ -271,7 +271,10 @@ class FKDImportReport:
 
 
 class _Items:
-    """Item i: (i, (height, width), labels or None, error or None), computed in DataLoader workers."""
+    """Item i: (i, (height, width), labels or None), computed in DataLoader workers.
+
+    A ``FerKDError`` raised in a worker reaches the main process as the same class and one-line message.
+    """
 
     def __init__(self, image_paths: List[str], label_files: List[Optional[str]], label_type: str, regions: int,
                  truncate: bool):
@@ -287,34 +290,25 @@ class _Items:
     def __getitem__(self, index: int):
         from PIL import Image
         try:
-            try:
-                with Image.open(self.image_paths[index]) as image:  # reads the header only
-                    width, height = image.size
-            except OSError as e:
-                raise BankError(f'cannot read image {self.image_paths[index]}: {e}') from None
-            label_file = self.label_files[index]
-            if label_file is None:
-                return index, (height, width), None, None
-            coords, flip, quantized = load_fkd_file(label_file)
-            boxes, flips = _check_regions(coords, flip, label_file)
-            indices, values = convert_fkd_labels(quantized, self.label_type, label_file)
-            count = boxes.shape[0]
-            if indices.shape[0] != count:
-                raise BankError(f'{label_file}: {count} boxes but {indices.shape[0]} labels; not an FKD label file')
-            if count < self.regions or (count > self.regions and not self.truncate):
-                raise BankError(
-                    f'{label_file} has {count} regions, other files {self.regions}; pass --regions N to keep the '
-                    f'first N regions of every file')
-            r = self.regions
-            return index, (height, width), (boxes[:r], flips[:r], indices[:r], values[:r]), None
-        except FerKDError as e:
-            return index, None, None, (type(e).__name__, str(e))
-
-
-def _raise_item_error(error: Tuple[str, str]) -> None:
-    kind, message = error
-    cls = {'UnsafeLabelFileError': UnsafeLabelFileError, 'ConfigError': ConfigError}.get(kind, BankError)
-    raise cls(message)
+            with Image.open(self.image_paths[index]) as image:  # reads the header only
+                width, height = image.size
+        except OSError as e:
+            raise BankError(f'cannot read image {self.image_paths[index]}: {e}') from None
+        label_file = self.label_files[index]
+        if label_file is None:
+            return index, (height, width), None
+        coords, flip, quantized = load_fkd_file(label_file)
+        boxes, flips = _check_regions(coords, flip, label_file)
+        indices, values = convert_fkd_labels(quantized, self.label_type, label_file)
+        count = boxes.shape[0]
+        if indices.shape[0] != count:
+            raise BankError(f'{label_file}: {count} boxes but {indices.shape[0]} labels; not an FKD label file')
+        if count < self.regions or (count > self.regions and not self.truncate):
+            raise BankError(
+                f'{label_file} has {count} regions, other files {self.regions}; pass --regions N to keep the '
+                f'first N regions of every file')
+        r = self.regions
+        return index, (height, width), (boxes[:r], flips[:r], indices[:r], values[:r])
 
 
 def _folder_paths(dataset: Any, name: str) -> Tuple[List[str], List[str]]:
@@ -445,9 +439,7 @@ def _write_shards(items: _Items, manifest: BankManifest, settings: Dict[str, Any
     shard = next(shard_iter)
     first, count = manifest.shard_range(shard)
     arrays = _empty_shard(count, r, k)
-    for index, size, labels, error in loader:
-        if error is not None:
-            _raise_item_error(error)
+    for index, size, labels in loader:
         row = index - first
         if labels is None:
             labels = _fill_hard(int(targets[index]), r, k, manifest.num_classes)
