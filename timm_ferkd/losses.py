@@ -336,11 +336,7 @@ class KDLoss(DistillLoss):
         self.probability_shift = probability_shift
         self.needs_teacher = online
 
-    def _teacher_logits(
-            self,
-            target: Dict[str, torch.Tensor],
-            teacher_logits: Optional[torch.Tensor],
-    ) -> torch.Tensor:
+    def _teacher_logits(self, target: Dict[str, Tensor], teacher_logits: Optional[Tensor]) -> Tensor:
         if teacher_logits is not None:
             z_t = _at_least_float32(teacher_logits.detach())
         else:
@@ -349,13 +345,8 @@ class KDLoss(DistillLoss):
             z_t = probability_shift(z_t, _get_label(target, type(self).__name__))
         return z_t
 
-    def _add_task_loss(
-            self,
-            out: Dict[str, torch.Tensor],
-            logits: torch.Tensor,
-            target: Dict[str, torch.Tensor],
-            weight: torch.Tensor,
-    ) -> Dict[str, torch.Tensor]:
+    def _add_task_loss(self, out: Dict[str, Tensor], logits: Tensor, target: Dict[str, Tensor],
+                       weight: Tensor) -> Dict[str, Tensor]:
         if self.task_loss_weight > 0:
             ce = F.cross_entropy(logits, _get_label(target, type(self).__name__), reduction='none')
             out['ce'] = _weighted_mean(ce, weight)

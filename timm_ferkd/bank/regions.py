@@ -23,6 +23,8 @@ import numpy as np
 from PIL import Image
 from timm.data.transforms import str_to_pil_interp
 
+from timm_ferkd.errors import ConfigError
+
 __all__ = [
     'SAMPLER_NAME', 'SAMPLER_VERSION', 'RegionSampler', 'Regions', 'uniform', 'replay_region', 'pil_interpolation',
     'explicit_regions', 'splitmix64',
@@ -266,7 +268,6 @@ def pil_interpolation(name: str) -> Image.Resampling:
     try:
         return str_to_pil_interp(name)
     except KeyError:
-        from timm_ferkd.errors import ConfigError
         raise ConfigError(f'unknown interpolation {name!r}; choose one of nearest, bilinear, bicubic, box, '
                           f'hamming, lanczos') from None
 
@@ -302,7 +303,6 @@ def replay_region(
 
 def check_region_params(scale: Sequence[float], ratio: Sequence[float], num_regions: Optional[int] = None) -> None:
     """Raise ``ConfigError`` for a scale, ratio or region count that cannot be sampled."""
-    from timm_ferkd.errors import ConfigError
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f'--scale {tuple(scale)} must satisfy 0 < LO <= HI <= 1 (fractions of the image area)')
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
