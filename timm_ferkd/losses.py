@@ -35,19 +35,8 @@ from torch import Tensor
 from timm_ferkd.errors import ConfigError
 
 __all__ = [
-    'DISTILL_LOSS_TYPES',
-    'DISTILL_LOSS_CLASSES',
-    'ONLINE_DISTILL_LOSS_TYPES',
-    'DistillLoss',
-    'SoftRegionCrossEntropy',
-    'FerKDLoss',
-    'KDLoss',
-    'DTDLoss',
-    'FNKDLoss',
-    'create_distill_loss',
-    'make_target',
-    'probability_shift',
-    'retemper',
+    'DISTILL_LOSS_TYPES', 'DISTILL_LOSS_CLASSES', 'ONLINE_DISTILL_LOSS_TYPES', 'DistillLoss', 'SoftRegionCrossEntropy',
+    'FerKDLoss', 'KDLoss', 'DTDLoss', 'FNKDLoss', 'create_distill_loss', 'make_target', 'probability_shift', 'retemper',
     'feature_normalized_logits',
 ]
 

@@ -81,10 +81,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
 def _int(lo: int = None, hi: int = None) -> Callable[[Any], Optional[str]]:
     def check(value):
         if not _is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -97,7 +93,8 @@ def _int(lo: int = None, hi: int = None) -> Callable[[Any], Optional[str]]:
 
 def _number(lo: float = None, hi: float = None, lo_open: bool = False) -> Callable[[Any], Optional[str]]:
     def check(value):
-        ok = _is_number(value) and (lo is None or (value > lo if lo_open else value >= lo))
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and (lo is None or (value > lo if lo_open else value >= lo))
         if not ok or (hi is not None and value > hi):
             bounds = ' and '.join(filter(None, [
                 f'{">" if lo_open else ">="} {lo}' if lo is not None else '', f'<= {hi}' if hi is not None else '']))
