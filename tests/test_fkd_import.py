@@ -263,7 +263,7 @@ def test_cli_import_then_verify(image_folder, tmp_path, capsys):
     after = load_file(str(out / manifest.shards[1].file))
     assert all(np.array_equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
     assert cli_main([a if a != 'effl2' else 'other' for a in argv]) == 2
-    assert 'holds an import with other settings (teacher differ)' in capsys.readouterr().err
+    assert 'holds an FKD import with other settings (teacher.model differ;' in capsys.readouterr().err
     assert cli_main(['verify', str(out), '--data-dir', str(image_folder)]) == 0
     assert 'checksums and schema OK' in capsys.readouterr().out
 

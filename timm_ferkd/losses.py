@@ -30,24 +30,14 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from timm_ferkd.errors import ConfigError
 
 __all__ = [
-    'DISTILL_LOSS_TYPES',
-    'DISTILL_LOSS_CLASSES',
-    'ONLINE_DISTILL_LOSS_TYPES',
-    'DistillLoss',
-    'SoftRegionCrossEntropy',
-    'FerKDLoss',
-    'KDLoss',
-    'DTDLoss',
-    'FNKDLoss',
-    'TimmCriterion',
-    'create_distill_loss',
-    'make_target',
-    'probability_shift',
-    'retemper',
+    'DISTILL_LOSS_TYPES', 'DISTILL_LOSS_CLASSES', 'ONLINE_DISTILL_LOSS_TYPES', 'DistillLoss', 'SoftRegionCrossEntropy',
+    'FerKDLoss', 'KDLoss', 'DTDLoss', 'FNKDLoss', 'TimmCriterion', 'create_distill_loss', 'make_target',
+    'probability_shift', 'retemper',
     'feature_normalized_logits',
 ]
 
@@ -127,13 +117,6 @@ def _get_label(target: Dict[str, torch.Tensor], loss_name: str) -> torch.Tensor:
     return label.long()
 
 
-def _get_weight(target: Dict[str, torch.Tensor], ref: torch.Tensor) -> torch.Tensor:
-    weight = target.get('weight', None)
-    if weight is None:
-        return torch.ones(ref.shape[0], device=ref.device, dtype=torch.float32)
-    return weight.float()
-
-
 def _weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """sum_i w_i v_i / sum_i w_i; 0 (still attached to the graph) when all weights are 0."""
     return (values * weight).sum() / weight.sum().clamp_min(_WEIGHT_SUM_FLOOR)
@@ -142,11 +125,6 @@ def _weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _soft_cross_entropy(log_probs: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     """Per-row H(q, p) = -sum_c q_c log p_c."""
     return -(soft * log_probs).sum(dim=-1)
-
-
-def _stored_teacher_logits(soft: torch.Tensor) -> torch.Tensor:
-    """Stored probabilities q as teacher logits log q (softmax(log q) = q for normalised rows)."""
-    return _at_least_float32(soft).clamp_min(_PROB_FLOOR).log()
 
 
 def retemper(soft: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -213,7 +191,7 @@ def feature_normalized_logits(logits: torch.Tensor, features: torch.Tensor, tau:
 
 
 class DistillLoss(nn.Module):
-    """Base class: fixes the forward signature and the attributes tasks read.
+    """Base class: fixes the forward signature and the attributes tasks read; subclasses define ``_loss``.
 
     Attributes:
         needs_features: Student pre-logit features must be passed as ``features``.
@@ -226,20 +204,25 @@ class DistillLoss(nn.Module):
 
     def forward(
             self,
-            logits: torch.Tensor,
-            target: Dict[str, torch.Tensor],
-            features: Optional[torch.Tensor] = None,
-            teacher_logits: Optional[torch.Tensor] = None,
-            teacher_features: Optional[torch.Tensor] = None,
-    ) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
+            logits: Tensor,
+            target: Dict[str, Tensor],
+            features: Optional[Tensor] = None,
+            teacher_logits: Optional[Tensor] = None,
+            teacher_features: Optional[Tensor] = None,
+    ) -> Dict[str, Tensor]:
+        """Compute the loss.
 
-    def _check_inputs(
-            self,
-            features: Optional[torch.Tensor],
-            teacher_logits: Optional[torch.Tensor],
-            teacher_features: Optional[torch.Tensor],
-    ) -> None:
+        Args:
+            logits: Student logits [B, C].
+            target: Dict with ``'soft'`` (stored labels), ``'label'`` (for a loss that needs the ground
+                truth) and optional ``'weight'`` [B] (see :func:`make_target`).
+            features: Student pre-logit features [B, D] (losses with ``needs_features``).
+            teacher_logits: Teacher logits [B, C] (losses built with ``online=True`` only).
+            teacher_features: Teacher pre-logit features [B, D_T] (online FNKD only).
+
+        Returns:
+            Dict with ``'loss'`` and the components the loss's class docstring lists.
+        """
         name = type(self).__name__
         if self.needs_features and features is None:
             raise ValueError(f'{name} needs the student pre-logit features (features=...).')
@@ -251,6 +234,13 @@ class DistillLoss(nn.Module):
                 'build it with online=True to distill from a teacher in the loop.')
         if self.needs_teacher_features and teacher_features is None:
             raise ValueError(f'{name} was built with online=True and needs teacher_features.')
+        weight = target.get('weight')
+        weight = torch.ones(logits.shape[0], device=logits.device) if weight is None else weight.float()
+        return self._loss(logits, target, weight, features, teacher_logits, teacher_features)
+
+    def _loss(self, logits: Tensor, target: Dict[str, Tensor], weight: Tensor, features: Optional[Tensor],
+              teacher_logits: Optional[Tensor], teacher_features: Optional[Tensor]) -> Dict[str, Tensor]:
+        raise NotImplementedError
 
 
 class SoftRegionCrossEntropy(DistillLoss):
@@ -260,6 +250,8 @@ class SoftRegionCrossEntropy(DistillLoss):
 
     The batch mean follows the FKD reference code (timm's SoftTargetCrossEntropy times the
     weights); :class:`FerKDLoss` divides by the weight sum instead.
+
+    Returns ``'loss'`` and ``'soft_ce'`` (the same value).
 
     Args:
         temperature: Student temperature T > 0 (the stored label is used as is).
@@ -272,28 +264,8 @@ class SoftRegionCrossEntropy(DistillLoss):
     def _per_crop(self, logits: torch.Tensor, target: Dict[str, torch.Tensor]) -> torch.Tensor:
         return _soft_cross_entropy(F.log_softmax(logits / self.temperature, dim=-1), target['soft'])
 
-    def forward(
-            self,
-            logits: torch.Tensor,
-            target: Dict[str, torch.Tensor],
-            features: Optional[torch.Tensor] = None,
-            teacher_logits: Optional[torch.Tensor] = None,
-            teacher_features: Optional[torch.Tensor] = None,
-    ) -> Dict[str, torch.Tensor]:
-        """Compute the loss.
-
-        Args:
-            logits: Student logits [B, C].
-            target: Dict with ``'soft'`` and optional ``'weight'``.
-            features: Unused.
-            teacher_logits: Must be None (stored labels only).
-            teacher_features: Unused.
-
-        Returns:
-            Dict with ``'loss'`` and ``'soft_ce'`` (the same value).
-        """
-        self._check_inputs(features, teacher_logits, teacher_features)
-        weight = _get_weight(target, logits)
+    def _loss(self, logits: Tensor, target: Dict[str, Tensor], weight: Tensor, features: Optional[Tensor],
+              teacher_logits: Optional[Tensor], teacher_features: Optional[Tensor]) -> Dict[str, Tensor]:
         loss = (self._per_crop(logits, target) * weight).mean()
         return {'loss': loss, 'soft_ce': loss}
 
@@ -307,34 +279,15 @@ class FerKDLoss(SoftRegionCrossEntropy):
     max probability) happens in the data pipeline, which writes the adapted label to
     ``'soft'`` and ``w = 0`` for discarded crops. A discarded crop contributes nothing and its
     logits get an exactly zero gradient; a batch with no kept crop gives loss 0, not NaN.
+    Returns ``'loss'``, ``'soft_ce'`` (the same value) and ``'kept'`` (mean crop weight, detached: the
+    fraction of crops that count).
 
     Args:
         temperature: Student temperature T > 0 (1 in FerKD).
     """
 
-    def forward(
-            self,
-            logits: torch.Tensor,
-            target: Dict[str, torch.Tensor],
-            features: Optional[torch.Tensor] = None,
-            teacher_logits: Optional[torch.Tensor] = None,
-            teacher_features: Optional[torch.Tensor] = None,
-    ) -> Dict[str, torch.Tensor]:
-        """Compute the loss.
-
-        Args:
-            logits: Student logits [B, C].
-            target: Dict with ``'soft'`` (adapted labels) and optional ``'weight'``.
-            features: Unused.
-            teacher_logits: Must be None (stored labels only).
-            teacher_features: Unused.
-
-        Returns:
-            Dict with ``'loss'``, ``'soft_ce'`` (same value) and ``'kept'`` (mean crop weight,
-            detached: the fraction of crops that count).
-        """
-        self._check_inputs(features, teacher_logits, teacher_features)
-        weight = _get_weight(target, logits)
+    def _loss(self, logits: Tensor, target: Dict[str, Tensor], weight: Tensor, features: Optional[Tensor],
+              teacher_logits: Optional[Tensor], teacher_features: Optional[Tensor]) -> Dict[str, Tensor]:
         loss = _weighted_mean(self._per_crop(logits, target), weight)
         return {'loss': loss, 'soft_ce': loss, 'kept': weight.mean().detach()}
 
@@ -346,7 +299,8 @@ class KDLoss(DistillLoss):
 
     With stored labels the teacher logits are ``z_T = log q`` (q clamped to the smallest normal
     float32 first, so zeros stay negligible): ``softmax(log q / T)`` is the stored label
-    re-tempered. ``mean_w`` is the crop-weighted mean.
+    re-tempered. ``mean_w`` is the crop-weighted mean. Returns ``'loss'``, ``'kd'`` (the T^2-scaled KL)
+    and ``'ce'`` when task_loss_weight > 0.
 
     Args:
         temperature: T > 0.
@@ -372,55 +326,25 @@ class KDLoss(DistillLoss):
         self.probability_shift = probability_shift
         self.needs_teacher = online
 
-    def _teacher_logits(
-            self,
-            target: Dict[str, torch.Tensor],
-            teacher_logits: Optional[torch.Tensor],
-    ) -> torch.Tensor:
+    def _teacher_logits(self, target: Dict[str, Tensor], teacher_logits: Optional[Tensor]) -> Tensor:
         if teacher_logits is not None:
             z_t = _at_least_float32(teacher_logits.detach())
         else:
-            z_t = _stored_teacher_logits(target['soft'])
+            z_t = _at_least_float32(target['soft']).clamp_min(_PROB_FLOOR).log()  # softmax(log q) = q
         if self.probability_shift:
             z_t = probability_shift(z_t, _get_label(target, type(self).__name__))
         return z_t
 
-    def _add_task_loss(
-            self,
-            out: Dict[str, torch.Tensor],
-            logits: torch.Tensor,
-            target: Dict[str, torch.Tensor],
-            weight: torch.Tensor,
-    ) -> Dict[str, torch.Tensor]:
+    def _add_task_loss(self, out: Dict[str, Tensor], logits: Tensor, target: Dict[str, Tensor],
+                       weight: Tensor) -> Dict[str, Tensor]:
         if self.task_loss_weight > 0:
             ce = F.cross_entropy(logits, _get_label(target, type(self).__name__), reduction='none')
             out['ce'] = _weighted_mean(ce, weight)
             out['loss'] = out['loss'] + self.task_loss_weight * out['ce']
         return out
 
-    def forward(
-            self,
-            logits: torch.Tensor,
-            target: Dict[str, torch.Tensor],
-            features: Optional[torch.Tensor] = None,
-            teacher_logits: Optional[torch.Tensor] = None,
-            teacher_features: Optional[torch.Tensor] = None,
-    ) -> Dict[str, torch.Tensor]:
-        """Compute the loss.
-
-        Args:
-            logits: Student logits [B, C].
-            target: Dict with ``'soft'`` (stored mode), ``'label'`` (for CE or PS) and
-                optional ``'weight'``.
-            features: Unused.
-            teacher_logits: Teacher logits [B, C] (online mode only).
-            teacher_features: Unused.
-
-        Returns:
-            Dict with ``'loss'``, ``'kd'`` (T^2-scaled KL) and ``'ce'`` when task_loss_weight > 0.
-        """
-        self._check_inputs(features, teacher_logits, teacher_features)
-        weight = _get_weight(target, logits)
+    def _loss(self, logits: Tensor, target: Dict[str, Tensor], weight: Tensor, features: Optional[Tensor],
+              teacher_logits: Optional[Tensor], teacher_features: Optional[Tensor]) -> Dict[str, Tensor]:
         t = self.temperature
         log_p_t = F.log_softmax(self._teacher_logits(target, teacher_logits) / t, dim=-1)
         log_p_s = F.log_softmax(logits / t, dim=-1)
@@ -445,7 +369,9 @@ class DTDLoss(KDLoss):
 
     with A the optional probability shift. With stored labels ``z_T = log q`` (clamped). The
     batch mean of w is weighted by the crop weights, so discarded crops do not move the other
-    crops' temperatures.
+    crops' temperatures. Returns ``'loss'``, ``'dtd'`` (the tau^2-scaled KL), ``'tau_min'`` / ``'tau_max'``
+    (detached extremes of the batch temperatures; per sample: :meth:`temperatures`) and ``'ce'`` when
+    task_loss_weight > 0.
 
     Args:
         temperature: tau_0 > 0.
@@ -529,31 +455,8 @@ class DTDLoss(KDLoss):
         tau = self.temperature - self.beta * (w - w_mean)
         return tau.clamp_min(self.min_temperature)
 
-    def forward(
-            self,
-            logits: torch.Tensor,
-            target: Dict[str, torch.Tensor],
-            features: Optional[torch.Tensor] = None,
-            teacher_logits: Optional[torch.Tensor] = None,
-            teacher_features: Optional[torch.Tensor] = None,
-    ) -> Dict[str, torch.Tensor]:
-        """Compute the loss.
-
-        Args:
-            logits: Student logits [B, C].
-            target: Dict with ``'soft'`` (stored mode), ``'label'`` (for CE or PS) and
-                optional ``'weight'``.
-            features: Unused.
-            teacher_logits: Teacher logits [B, C] (online mode only).
-            teacher_features: Unused.
-
-        Returns:
-            Dict with ``'loss'``, ``'dtd'`` (tau^2-scaled KL), ``'tau_min'`` / ``'tau_max'``
-            (detached extremes of the batch temperatures) and ``'ce'`` when
-            task_loss_weight > 0. Per-sample temperatures: :meth:`temperatures`.
-        """
-        self._check_inputs(features, teacher_logits, teacher_features)
-        weight = _get_weight(target, logits)
+    def _loss(self, logits: Tensor, target: Dict[str, Tensor], weight: Tensor, features: Optional[Tensor],
+              teacher_logits: Optional[Tensor], teacher_features: Optional[Tensor]) -> Dict[str, Tensor]:
         z_t = self._teacher_logits(target, teacher_logits)
         tau = self.temperatures(logits, z_t, weight).unsqueeze(-1)
         log_p_t = F.log_softmax(z_t / tau, dim=-1)
@@ -579,7 +482,8 @@ class FNKDLoss(DistillLoss):
     ``target['soft']`` (stored labels: store the teacher's already normalised distribution as
     the label) or, with ``online=True``, from the teacher's logits and pre-logit features.
     (The official code clips the norm instead, ``W (f / ||f|| * min(||f||, tau)) + b``: the same
-    logits when the head has no bias and ``||f|| > tau``.)
+    logits when the head has no bias and ``||f|| > tau``.) Returns ``'loss'``, ``'ce'`` and ``'fnkd'`` (the
+    unweighted H term).
 
     Args:
         tau: Scale tau > 0 (official code: 2 on CIFAR-100).
@@ -603,28 +507,8 @@ class FNKDLoss(DistillLoss):
         self.needs_teacher = online
         self.needs_teacher_features = online
 
-    def forward(
-            self,
-            logits: torch.Tensor,
-            target: Dict[str, torch.Tensor],
-            features: Optional[torch.Tensor] = None,
-            teacher_logits: Optional[torch.Tensor] = None,
-            teacher_features: Optional[torch.Tensor] = None,
-    ) -> Dict[str, torch.Tensor]:
-        """Compute the loss.
-
-        Args:
-            logits: Student logits z_S [B, C].
-            target: Dict with ``'label'``, ``'soft'`` (stored mode) and optional ``'weight'``.
-            features: Student pre-logit features f_S [B, D] (required).
-            teacher_logits: Teacher logits z_T [B, C] (online mode only).
-            teacher_features: Teacher pre-logit features f_T [B, D_T] (online mode only).
-
-        Returns:
-            Dict with ``'loss'``, ``'ce'`` and ``'fnkd'`` (the unweighted H term).
-        """
-        self._check_inputs(features, teacher_logits, teacher_features)
-        weight = _get_weight(target, logits)
+    def _loss(self, logits: Tensor, target: Dict[str, Tensor], weight: Tensor, features: Optional[Tensor],
+              teacher_logits: Optional[Tensor], teacher_features: Optional[Tensor]) -> Dict[str, Tensor]:
         if teacher_logits is not None:
             with torch.no_grad():
                 p_t = feature_normalized_logits(teacher_logits, teacher_features, self.tau).softmax(dim=-1)

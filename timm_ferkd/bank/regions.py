@@ -23,9 +23,11 @@ import numpy as np
 from PIL import Image
 from timm.data.transforms import str_to_pil_interp
 
+from timm_ferkd.errors import ConfigError
+
 __all__ = [
     'SAMPLER_NAME', 'SAMPLER_VERSION', 'RegionSampler', 'Regions', 'uniform', 'replay_region', 'pil_interpolation',
-    'explicit_regions',
+    'explicit_regions', 'splitmix64',
 ]
 
 SAMPLER_NAME = 'splitmix64-random-resized-crop'
@@ -45,7 +47,7 @@ _FIRST_DRAWS = np.array([0, 1, 2, 3, _FLIP_DRAW], dtype=np.uint64)
 _RETRY_DRAWS = np.arange(4, _FLIP_DRAW, dtype=np.uint64)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64 finaliser of a uint64 array, in place (uint64 arithmetic wraps modulo 2**64, as it needs).
 
     In-place updates: a label read hashes about 20 numbers, where numpy's per-call cost, not the
@@ -62,14 +64,14 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=64)
 def _seed_key(seed: int) -> np.uint64:
-    return _splitmix64(np.asarray([seed], dtype=np.uint64))[0]
+    return splitmix64(np.asarray([seed], dtype=np.uint64))[0]
 
 
 def _uniform_from_counters(seed: int, counter: np.ndarray) -> np.ndarray:
     """Uniform doubles of uint64 counters ``image << 24 | region << 8 | draw`` (``counter`` is consumed)."""
-    bits = _splitmix64(counter)
+    bits = splitmix64(counter)
     bits ^= _seed_key(seed)
-    _splitmix64(bits)
+    splitmix64(bits)
     bits >>= _S11
     out = bits.astype(np.float64)
     out *= 1.0 / (1 << 53)
@@ -266,7 +268,6 @@ def pil_interpolation(name: str) -> Image.Resampling:
     try:
         return str_to_pil_interp(name)
     except KeyError:
-        from timm_ferkd.errors import ConfigError
         raise ConfigError(f'unknown interpolation {name!r}; choose one of nearest, bilinear, bicubic, box, '
                           f'hamming, lanczos') from None
 
@@ -302,7 +303,6 @@ def replay_region(
 
 def check_region_params(scale: Sequence[float], ratio: Sequence[float], num_regions: Optional[int] = None) -> None:
     """Raise ``ConfigError`` for a scale, ratio or region count that cannot be sampled."""
-    from timm_ferkd.errors import ConfigError
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f'--scale {tuple(scale)} must satisfy 0 < LO <= HI <= 1 (fractions of the image area)')
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:

@@ -39,7 +39,7 @@ from timm_ferkd.errors import BankError
 
 __all__ = [
     'ValueDtype', 'VALUE_DTYPES', 'INDEX_DTYPES', 'MASS_TOLERANCE', 'validate_manifest', 'check_safetensors_header',
-    'check_shard_metadata', 'check_shard_values', 'check_label_rows', 'sample_rows', 'shard_metadata',
+    'check_shard_metadata', 'check_shard_values', 'sample_rows', 'shard_metadata',
 ]
 
 # fp16 rounds each value by at most 2^-11 of itself, so a stored distribution's sum moves by < 5e-4;
@@ -81,10 +81,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
 def _int(lo: int = None, hi: int = None) -> Callable[[Any], Optional[str]]:
     def check(value):
         if not _is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -97,7 +93,8 @@ def _int(lo: int = None, hi: int = None) -> Callable[[Any], Optional[str]]:
 
 def _number(lo: float = None, hi: float = None, lo_open: bool = False) -> Callable[[Any], Optional[str]]:
     def check(value):
-        ok = _is_number(value) and (lo is None or (value > lo if lo_open else value >= lo))
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and (lo is None or (value > lo if lo_open else value >= lo))
         if not ok or (hi is not None and value > hi):
             bounds = ' and '.join(filter(None, [
                 f'{">" if lo_open else ">="} {lo}' if lo is not None else '', f'<= {hi}' if hi is not None else '']))
@@ -456,21 +453,6 @@ def _labels_ok(indices: Optional[np.ndarray], values: np.ndarray, manifest: Bank
     return True
 
 
-def check_label_rows(
-        indices: Optional[np.ndarray], values: np.ndarray, manifest: BankManifest) -> Optional[Tuple[int, str]]:
-    """The first region among stored rows that breaks the value rules, as (row, problem), or None.
-
-    Args:
-        indices: Stored class indices [..., k] (None for ``full`` labels).
-        values: Stored values [..., k] in the bank's ``value_dtype``.
-        manifest: The bank's manifest.
-    """
-    decoded = VALUE_DTYPES[manifest.value_dtype].decode(values)
-    if _labels_ok(indices, decoded, manifest):
-        return None
-    return _label_problem(indices, decoded, manifest)
-
-
 def check_shard_values(
         arrays: Dict[str, np.ndarray],
         manifest: BankManifest,
@@ -517,15 +499,13 @@ def check_shard_values(
             if bits is not None:  # packed rows -> [n, R, k] class indices
                 positions = np.broadcast_to(np.arange(regions * manifest.topk), (indices.shape[0], regions * manifest.topk))
                 indices = unpack_indices(indices, positions, bits).reshape(-1, regions, manifest.topk)
-        problem = check_label_rows(indices, arrays['topk_values'][chunk], manifest)
+        values = VALUE_DTYPES[manifest.value_dtype].decode(arrays['topk_values'][chunk])
+        problem = None if _labels_ok(indices, values, manifest) else _label_problem(indices, values, manifest)
+        if problem is None and 'boxes' in arrays:
+            problem = _box_problem(np.asarray(arrays['boxes'][chunk]), np.asarray(arrays['flips'][chunk]))
         if problem is not None:
             row, what = problem
             raise _corrupt(where, f'image {image_of(row // regions)} region {row % regions} has {what}')
-        if 'boxes' in arrays:
-            problem = _box_problem(np.asarray(arrays['boxes'][chunk]), np.asarray(arrays['flips'][chunk]))
-            if problem is not None:
-                row, what = problem
-                raise _corrupt(where, f'image {image_of(row // regions)} region {row % regions} has {what}')
 
 
 def _box_problem(boxes: np.ndarray, flips: np.ndarray) -> Optional[Tuple[int, str]]:

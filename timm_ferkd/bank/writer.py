@@ -4,16 +4,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from safetensors.numpy import save
 
 from timm_ferkd.bank.format import BankManifest, ShardRecord, shard_file_name
-from timm_ferkd.errors import BankError
+from timm_ferkd.errors import BankError, ConfigError
 
 __all__ = ['atomic_write_bytes', 'sha256_file', 'write_shard', 'shard_record_path', 'finished_shards',
-           'discard_unfinished']
+           'discard_unfinished', 'check_resumable']
 
 _CHUNK = 1 << 20
 _UMASK = os.umask(0)
@@ -146,3 +146,49 @@ def discard_unfinished(bank_dir: os.PathLike, manifest: BankManifest, settings_n
         path.unlink(missing_ok=True)
     if created and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
+
+
+def check_resumable(bank_dir: os.PathLike, settings_name: str, settings: Dict[str, Any], what: str) -> None:
+    """Refuse an output directory that holds anything but an unfinished run with the same settings.
+
+    Args:
+        bank_dir: The command's ``--output``.
+        settings_name: Its settings file in ``bank_dir`` (``generation.json``, ``import.json``).
+        settings: The JSON-normalised settings of this run.
+        what: The run, for messages ('a bank generation', 'an FKD import').
+
+    Raises:
+        ConfigError: ``bank_dir`` is a file, is not empty without a settings file, or holds other settings.
+    """
+    out = Path(bank_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f'--output {out} exists and is not a directory')
+    if not (out / settings_name).is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise ConfigError(f'--output {out} is not empty and does not hold {what}; choose another --output')
+        return
+    try:
+        previous = json.loads((out / settings_name).read_text())
+    except (OSError, ValueError, RecursionError):
+        previous = None
+    if not isinstance(previous, dict):
+        raise ConfigError(f'--output {out} has a corrupt {settings_name}, so it cannot be resumed; delete '
+                          f'{out} or choose another --output')
+    diff = _differing(previous, settings)
+    if diff:
+        shown = '; '.join(f'{k}: {json.dumps(a)} then, {json.dumps(b)} now' for k, a, b in diff[:3])
+        raise ConfigError(
+            f'--output {out} holds {what} with other settings ({", ".join(k for k, _, _ in diff)} differ; '
+            f'{shown}); rerun with the original flags to resume it, or choose another --output')
+
+
+def _differing(previous: dict, current: dict, prefix: str = '') -> List[Tuple[str, Any, Any]]:
+    """(dotted key, previous value, current value) of every setting that differs."""
+    out = []
+    for key in sorted(set(previous) | set(current)):
+        a, b = previous.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing(a, b, f'{prefix}{key}.')
+        elif a != b:
+            out.append((prefix + key, a, b))
+    return out

@@ -6,24 +6,16 @@ import argparse
 import importlib
 import logging
 import sys
+from dataclasses import fields
 from typing import List, Optional
 
 from timm_ferkd.errors import FerKDError
 from timm_ferkd.version import __version__
 
-__all__ = ['main', 'build_parser']
+__all__ = ['main', 'build_parser', 'config_from_args']
 
-# subcommand name -> module in this package defining register(subparsers)
-_COMMANDS = {
-    'generate': 'generate',
-    'inspect': 'inspect',
-    'verify': 'verify',
-    'plot': 'plot',
-    'demo': 'demo',
-    'pull': 'pull',
-    'push': 'push',
-    'import-fkd': 'import_fkd',
-}
+# modules of this package defining register(subparsers), in the order `timm-ferkd --help` lists them
+_COMMANDS = ('generate', 'inspect', 'verify', 'plot', 'demo', 'pull', 'push', 'import_fkd')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog='timm-ferkd', description='Offline knowledge distillation for timm: soft-label banks and tools.')
     parser.add_argument('--version', action='version', version=f'timm-ferkd {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
-    for module in _COMMANDS.values():
+    for module in _COMMANDS:
         importlib.import_module(f'timm_ferkd.cli.{module}').register(subparsers)
     return parser
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    """The dataclass ``cls`` built from the parsed flags named like its fields (lists become tuples).
+
+    Args:
+        cls: A config dataclass (``GenerateConfig``, ...).
+        args: Parsed command line.
+    """
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names})
 
 
 def main(argv: Optional[List[str]] = None) -> int:

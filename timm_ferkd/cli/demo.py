@@ -5,6 +5,7 @@ import shutil
 import subprocess
 from dataclasses import fields
 
+from timm_ferkd.cli import config_from_args
 from timm_ferkd.data.fashion_mnist import DEBIAN_DIR, DEBIAN_PACKAGE
 from timm_ferkd.demo import DemoConfig, run_demo
 
@@ -39,6 +40,5 @@ def _apt_install() -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.no_apt:
         _apt_install()
-    cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
-    run_demo(cfg)
+    run_demo(config_from_args(DemoConfig, args))
     return 0

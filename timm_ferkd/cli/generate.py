@@ -1,7 +1,7 @@
 """``timm-ferkd generate``: label regions of every training image with a teacher."""
 import argparse
-from dataclasses import fields
 
+from timm_ferkd.cli import config_from_args
 from timm_ferkd.labelling.generate import GenerateConfig, generate_bank
 from timm_ferkd.bank.codes import VALUE_DTYPES
 from timm_ferkd.bank.labels import LABEL_TYPES
@@ -58,13 +58,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    names = {f.name for f in fields(GenerateConfig)}
-    cfg = GenerateConfig(**{k: v for k, v in vars(args).items() if k in names})
-    for key in ('scale', 'ratio', 'input_size', 'mean', 'std'):
-        value = getattr(cfg, key)
-        if value is not None:
-            setattr(cfg, key, tuple(value))
-    out = generate_bank(cfg)
+    out = generate_bank(config_from_args(GenerateConfig, args))
     from timm_ferkd.bank.reader import SoftLabelBank
     import torch.distributed as dist
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -1,6 +1,7 @@
 """``timm-ferkd import-fkd``: convert official FKD / FerKD soft-label folders into a bank."""
 import argparse
 
+from timm_ferkd.cli import config_from_args
 from timm_ferkd.bank.codes import VALUE_DTYPES
 from timm_ferkd.labelling.fkd_import import FKD_LABEL_TYPES, REPORT_NAME, FKDImportConfig, import_fkd
 
@@ -37,13 +38,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = FKDImportConfig(
-        src=args.src, output=args.output, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
-        label_type=args.label_type, num_classes=args.num_classes, regions=args.regions, teacher=args.teacher,
-        temperature=args.temperature, scale=tuple(args.scale), images_per_shard=args.images_per_shard,
-        value_dtype=args.value_dtype,
-        workers=args.workers, fill_missing=args.fill_missing, progress=args.progress)
-    report = import_fkd(cfg)
+    report = import_fkd(config_from_args(FKDImportConfig, args))
     print(report.summary())
     if report.extra:
         print(f'label files without an image, e.g. {report.extra[0]} (all listed in {args.output}/{REPORT_NAME})')

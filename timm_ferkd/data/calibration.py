@@ -115,10 +115,6 @@ class CalibrationConfig:
     def __post_init__(self):
         if self.mid is None:
             self.mid = self.low
-        self.check()
-
-    def check(self) -> None:
-        """Raise ``ConfigError`` for thresholds or eps that cannot work."""
         kind = 'quantiles' if self.quantile else 'thresholds'
         values = (self.low, self.mid, self.top)
         for name, value in zip(('low', 'mid', 'top'), values):

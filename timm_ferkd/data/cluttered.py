@@ -33,12 +33,12 @@ the key hashes the parameters and :data:`CLUTTER_VERSION`. Run ``python -m timm_
 import argparse
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -48,8 +48,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from timm_ferkd.bank.regions import splitmix64
 from timm_ferkd.bank.writer import atomic_write_bytes
-from timm_ferkd.errors import ConfigError
+from timm_ferkd.errors import BankError, ConfigError
 
 __all__ = [
     'CLUTTERED_PREFIX', 'CLUTTER_VERSION', 'CACHE_FOLDER', 'ClutterConfig', 'ClutteredFashionMNIST',
@@ -124,7 +125,7 @@ class ClutterConfig:
 
     @property
     def max_object_size(self) -> int:
-        return _object_side(self.scale[1])
+        return max(1, int(round(_SOURCE_SIZE * self.scale[1])))
 
     def canonical(self) -> str:
         """The parameters in name syntax, every one given (``canvas=64,scale=0.8-1.2,...``)."""
@@ -158,10 +159,6 @@ def _format_value(value: Any) -> str:
     if isinstance(value, tuple):
         return '-'.join(map(repr, value))  # repr round-trips floats: distinct values never share a key
     return repr(value)
-
-
-def _object_side(factor: float) -> int:
-    return max(1, int(round(_SOURCE_SIZE * factor)))
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -299,33 +296,20 @@ def load_fashion_mnist(root: os.PathLike, split: str, download: bool = False, ba
 
 # ------------------------------------------------------------------------------------------ rendering
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
 # draws of slot 0 (the object) and of slots 1.. (one per fragment)
 _OBJ_SCALE, _OBJ_TOP, _OBJ_LEFT = 0, 1, 2
 _FRAG_SIZE, _FRAG_SOURCE, _FRAG_SRC_TOP, _FRAG_SRC_LEFT, _FRAG_TOP, _FRAG_LEFT = range(6)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * _MIX1
-    x = (x ^ (x >> np.uint64(27))) * _MIX2
-    return x ^ (x >> np.uint64(31))
 
 
 class _Counter:
     """Uniform doubles in [0, 1) as a pure function of (seed, split, image, slot, draw)."""
 
     def __init__(self, seed: int, split: str, count: int):
-        with np.errstate(over='ignore'):
-            self._key = _splitmix64(_splitmix64(np.asarray([seed], dtype=np.uint64)) ^ np.uint64(_SPLIT_IDS[split]))
+        self._key = splitmix64(splitmix64(np.asarray([seed], dtype=np.uint64)) ^ np.uint64(_SPLIT_IDS[split]))
         self._images = np.arange(count, dtype=np.uint64) << np.uint64(16)
 
     def uniform(self, slot: int, draw: int) -> np.ndarray:
-        with np.errstate(over='ignore'):
-            counter = self._images | np.uint64((slot << 8) | draw)
-            bits = _splitmix64(self._key ^ _splitmix64(counter))
+        bits = splitmix64(self._key ^ splitmix64(self._images | np.uint64((slot << 8) | draw)))
         return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
     def integers(self, slot: int, draw: int, high: np.ndarray) -> np.ndarray:
@@ -435,25 +419,12 @@ def render_cluttered(
 _ARRAYS = ('images', 'targets', 'boxes')
 
 
-def _cache_dir(root: os.PathLike, config: ClutterConfig) -> Path:
-    return Path(root) / CACHE_FOLDER / config.cache_key()
-
-
 def _save_npy(path: Path, array: np.ndarray) -> str:
     """Write an .npy atomically (temporary file, then rename); returns the sha256 of the array's bytes."""
     array = np.ascontiguousarray(array)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a data directory is usually shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write_bytes(path, buffer.getbuffer())
     return hashlib.sha256(array.data).hexdigest()
 
 
@@ -503,7 +474,7 @@ def materialize_cluttered(
         ({'images': uint8 [N, C, C], 'targets': int64 [N], 'boxes': int64 [N, 4]}, cache folder or None).
         Cached arrays are read-only memory maps.
     """
-    folder = _cache_dir(root, config)
+    folder = Path(root) / CACHE_FOLDER / config.cache_key()
     if cache:
         arrays = _load_cache(folder, split, config)
         if arrays is not None:
@@ -523,7 +494,7 @@ def materialize_cluttered(
                 'num_images': int(len(canvases)), 'config': asdict(config), 'sha256': digests}
         # written last: its presence says the arrays beside it are complete
         atomic_write_bytes(folder / f'{split}.json', (json.dumps(meta, indent=1) + '\n').encode())
-    except OSError as e:
+    except (OSError, BankError) as e:  # atomic_write_bytes reports OSError as BankError
         _logger.warning(f'cannot write the cluttered dataset cache in {folder} ({e}); keeping it in memory')
         return arrays, None
     return arrays, folder

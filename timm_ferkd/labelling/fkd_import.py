@@ -43,7 +43,7 @@ from timm_ferkd.bank.format import (
     EXPLICIT_SAMPLER, MANIFEST_NAME, BankManifest, TeacherInfo)
 from timm_ferkd.bank.codes import label_storage, label_tensors
 from timm_ferkd.bank.validate import shard_metadata
-from timm_ferkd.bank.writer import atomic_write_bytes, discard_unfinished, finished_shards, write_shard
+from timm_ferkd.bank.writer import atomic_write_bytes, check_resumable, discard_unfinished, finished_shards, write_shard
 from timm_ferkd.errors import BankError, ConfigError, FerKDError
 
 __all__ = [
@@ -81,20 +81,12 @@ def fkd_safe_globals() -> List[Any]:
         np.dtype,
     ]
     dtypes = getattr(np, 'dtypes', None)  # numpy >= 1.25: each dtype has its own class
-    for name in ('Float32DType', 'Float16DType', 'Int64DType', 'BoolDType'):
-        if dtypes is not None and hasattr(dtypes, name):
-            allowed.append(getattr(dtypes, name))
-    return allowed
+    return allowed + [getattr(dtypes, name) for name in ('Float32DType', 'Float16DType', 'Int64DType', 'BoolDType')
+                      if hasattr(dtypes, name)]
 
 
 def _allowed_names() -> set:
-    names = set()
-    for entry in fkd_safe_globals():
-        if isinstance(entry, tuple):
-            names.add(entry[1])
-        else:
-            names.add(f'{entry.__module__}.{entry.__qualname__}')
-    return names
+    return {e[1] if isinstance(e, tuple) else f'{e.__module__}.{e.__qualname__}' for e in fkd_safe_globals()}
 
 
 def _refuse(path: os.PathLike, needed: Sequence[str]) -> UnsafeLabelFileError:
@@ -279,7 +271,10 @@ class FKDImportReport:
 
 
 class _Items:
-    """Item i: (i, (height, width), labels or None, error or None), computed in DataLoader workers."""
+    """Item i: (i, (height, width), labels or None), computed in DataLoader workers.
+
+    A ``FerKDError`` raised in a worker reaches the main process as the same class and one-line message.
+    """
 
     def __init__(self, image_paths: List[str], label_files: List[Optional[str]], label_type: str, regions: int,
                  truncate: bool):
@@ -295,34 +290,25 @@ class _Items:
     def __getitem__(self, index: int):
         from PIL import Image
         try:
-            try:
-                with Image.open(self.image_paths[index]) as image:  # reads the header only
-                    width, height = image.size
-            except OSError as e:
-                raise BankError(f'cannot read image {self.image_paths[index]}: {e}') from None
-            label_file = self.label_files[index]
-            if label_file is None:
-                return index, (height, width), None, None
-            coords, flip, quantized = load_fkd_file(label_file)
-            boxes, flips = _check_regions(coords, flip, label_file)
-            indices, values = convert_fkd_labels(quantized, self.label_type, label_file)
-            count = boxes.shape[0]
-            if indices.shape[0] != count:
-                raise BankError(f'{label_file}: {count} boxes but {indices.shape[0]} labels; not an FKD label file')
-            if count < self.regions or (count > self.regions and not self.truncate):
-                raise BankError(
-                    f'{label_file} has {count} regions, other files {self.regions}; pass --regions N to keep the '
-                    f'first N regions of every file')
-            r = self.regions
-            return index, (height, width), (boxes[:r], flips[:r], indices[:r], values[:r]), None
-        except FerKDError as e:
-            return index, None, None, (type(e).__name__, str(e))
-
-
-def _raise_item_error(error: Tuple[str, str]) -> None:
-    kind, message = error
-    cls = {'UnsafeLabelFileError': UnsafeLabelFileError, 'ConfigError': ConfigError}.get(kind, BankError)
-    raise cls(message)
+            with Image.open(self.image_paths[index]) as image:  # reads the header only
+                width, height = image.size
+        except OSError as e:
+            raise BankError(f'cannot read image {self.image_paths[index]}: {e}') from None
+        label_file = self.label_files[index]
+        if label_file is None:
+            return index, (height, width), None
+        coords, flip, quantized = load_fkd_file(label_file)
+        boxes, flips = _check_regions(coords, flip, label_file)
+        indices, values = convert_fkd_labels(quantized, self.label_type, label_file)
+        count = boxes.shape[0]
+        if indices.shape[0] != count:
+            raise BankError(f'{label_file}: {count} boxes but {indices.shape[0]} labels; not an FKD label file')
+        if count < self.regions or (count > self.regions and not self.truncate):
+            raise BankError(
+                f'{label_file} has {count} regions, other files {self.regions}; pass --regions N to keep the '
+                f'first N regions of every file')
+        r = self.regions
+        return index, (height, width), (boxes[:r], flips[:r], indices[:r], values[:r])
 
 
 def _folder_paths(dataset: Any, name: str) -> Tuple[List[str], List[str]]:
@@ -335,12 +321,6 @@ def _folder_paths(dataset: Any, name: str) -> Tuple[List[str], List[str]]:
         return [os.path.relpath(p, dataset.root) for p, _ in dataset.samples], [p for p, _ in dataset.samples]
     raise ConfigError(f'dataset {name!r} is not an image folder: FKD label files are matched to images by relative '
                       f'path, so import-fkd needs a folder dataset (--dataset "" or folder/...)')
-
-
-def _label_root(src: Path, split: str) -> Path:
-    if not src.is_dir():
-        raise ConfigError(f'FKD label folder {src} does not exist')
-    return src / split if (src / split).is_dir() else src
 
 
 def _fill_hard(target: int, regions: int, k: int, num_classes: int) -> Tuple[np.ndarray, ...]:
@@ -367,7 +347,10 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     label_storage(2, label_type, cfg.value_dtype)  # refuses an unknown --value-dtype before any work
     if cfg.images_per_shard < 1 or cfg.workers < 0 or (cfg.regions is not None and cfg.regions < 1):
         raise ConfigError('--images-per-shard and --regions must be >= 1, --workers >= 0')
-    root = _label_root(Path(cfg.src), cfg.split)
+    src = Path(cfg.src)
+    if not src.is_dir():
+        raise ConfigError(f'FKD label folder {src} does not exist')
+    root = src / cfg.split if (src / cfg.split).is_dir() else src
     source = create_image_source(cfg.dataset, cfg.data_dir, cfg.split, **cfg.extra_dataset_kwargs)
     dataset = source.dataset
     rel_paths, abs_paths = _folder_paths(dataset, cfg.dataset)
@@ -377,17 +360,10 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     num_classes = cfg.num_classes or (len(class_to_idx) if class_to_idx else int(targets.max()) + 1)
 
     available = _index_label_files(root)
-    label_files: List[Optional[str]] = []
-    used = set()
-    missing = []
-    for rel in rel_paths:
-        key = next((k for k in fkd_label_keys(rel) if k in available), None)
-        label_files.append(None if key is None else available[key])
-        if key is None:
-            missing.append(rel)
-        else:
-            used.add(key)
-    extra = sorted(k + FKD_SUFFIX for k in available if k not in used)
+    keys = [next((k for k in fkd_label_keys(rel) if k in available), None) for rel in rel_paths]
+    label_files: List[Optional[str]] = [None if key is None else available[key] for key in keys]
+    missing = [rel for rel, key in zip(rel_paths, keys) if key is None]
+    extra = sorted(k + FKD_SUFFIX for k in set(available) - set(keys))
     report = FKDImportReport(bank=str(cfg.output), label_root=str(root), num_images=len(rel_paths),
                              matched=len(rel_paths) - len(missing), missing=missing, extra=extra, filled=0)
     if report.matched == 0:
@@ -402,7 +378,6 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     first = next(f for f in label_files if f is not None)
     coords, _, quantized = load_fkd_file(first)
     regions = cfg.regions or coords.shape[0]
-    label_type, _ = parse_fkd_label_type(cfg.label_type)
     k = convert_fkd_labels(quantized, cfg.label_type, first)[0].shape[1]
     if k > num_classes:
         raise ConfigError(f'the labels keep {k} classes but the dataset has {num_classes}; pass --num-classes')
@@ -418,7 +393,7 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     settings = dict(manifest.settings(), fkd_source=str(root.resolve()), fkd_label_type=cfg.label_type,
                     fill_missing=cfg.fill_missing)
     settings = json.loads(json.dumps(settings))
-    _check_output(out, settings)
+    check_resumable(out, SETTINGS_NAME, settings, 'an FKD import')
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -446,61 +421,36 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
     return report
 
 
-def _check_output(out: Path, settings: Dict[str, Any]) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f'--output {out} exists and is not a directory')
-    settings_path = out / SETTINGS_NAME
-    if settings_path.is_file():
-        try:
-            previous = json.loads(settings_path.read_text())
-        except (OSError, ValueError, RecursionError):
-            previous = None
-        if not isinstance(previous, dict):
-            raise ConfigError(f'--output {out} has a corrupt {SETTINGS_NAME}, so it cannot be resumed; delete '
-                              f'{out} or choose another --output')
-        diff = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-        if diff:
-            raise ConfigError(f'--output {out} holds an import with other settings ({", ".join(diff)} differ); '
-                              f'rerun with the original flags to resume it, or choose another --output')
-    elif out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f'--output {out} is not empty and holds no FKD import; choose another --output')
-
-
 def _write_shards(items: _Items, manifest: BankManifest, settings: Dict[str, Any], todo: List[int], out: Path,
                   targets: np.ndarray, cfg: FKDImportConfig, report: FKDImportReport) -> None:
     from torch.utils.data import DataLoader
     if not todo:
         return
-    order = [i for s in todo for i in range(*_span(manifest, s))]
+    order = []
+    for s in todo:
+        first, count = manifest.shard_range(s)
+        order.extend(range(first, first + count))
     loader = DataLoader(items, batch_size=None, sampler=order, num_workers=cfg.workers,
                         collate_fn=_as_is, prefetch_factor=16 if cfg.workers > 0 else None)
-    progress = None
-    if cfg.progress:
-        from tqdm import tqdm
-        progress = tqdm(total=len(order), unit='img', desc='import-fkd', dynamic_ncols=True)
+    from tqdm import tqdm
+    progress = tqdm(total=len(order), unit='img', desc='import-fkd', dynamic_ncols=True, disable=not cfg.progress)
     r, k = manifest.regions_per_image, manifest.topk
     shard_iter = iter(todo)
     shard = next(shard_iter)
     first, count = manifest.shard_range(shard)
     arrays = _empty_shard(count, r, k)
-    for index, size, labels, error in loader:
-        if error is not None:
-            _raise_item_error(error)
+    for index, size, labels in loader:
         row = index - first
         if labels is None:
             labels = _fill_hard(int(targets[index]), r, k, manifest.num_classes)
-        boxes, flips, indices, values = labels
+        indices = labels[2]
         if indices.max(initial=0) >= manifest.num_classes:
             raise ConfigError(f'{items.label_files[index]} has class {int(indices.max())} but the bank has '
                               f'{manifest.num_classes} classes; pass --num-classes')
-        arrays['image_sizes'][row] = size
-        arrays['targets'][row] = targets[index]
-        arrays['boxes'][row] = boxes
-        arrays['flips'][row] = flips
-        arrays['topk_indices'][row] = indices
-        arrays['topk_values'][row] = values
-        if progress is not None:
-            progress.update(1)
+        arrays['image_sizes'][row], arrays['targets'][row] = size, targets[index]
+        for name, value in zip(('boxes', 'flips', 'topk_indices', 'topk_values'), labels):
+            arrays[name][row] = value
+        progress.update(1)
         if row == count - 1:
             storage = label_storage(manifest.num_classes, manifest.label_type, manifest.value_dtype)
             arrays.update(label_tensors(arrays['topk_indices'], arrays['topk_values'], storage))
@@ -513,17 +463,11 @@ def _write_shards(items: _Items, manifest: BankManifest, settings: Dict[str, Any
             if shard is not None:
                 first, count = manifest.shard_range(shard)
                 arrays = _empty_shard(count, r, k)
-    if progress is not None:
-        progress.close()
+    progress.close()
 
 
 def _as_is(item):
     return item
-
-
-def _span(manifest: BankManifest, shard: int) -> Tuple[int, int]:
-    first, count = manifest.shard_range(shard)
-    return first, first + count
 
 
 def _empty_shard(n: int, r: int, k: int) -> Dict[str, np.ndarray]:

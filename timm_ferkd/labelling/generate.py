@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from timm.utils.distributed import init_distributed_device_so
+from torch.utils.data import DataLoader, Dataset
 
 from timm_ferkd.bank.format import (
     MANIFEST_NAME, BankManifest, ShardRecord, TeacherInfo)
@@ -29,9 +30,11 @@ from timm_ferkd.bank.labels import LABEL_TYPES, stored_k, top_values
 from timm_ferkd.bank.regions import (
     SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, check_region_params, pil_interpolation, replay_region)
 from timm_ferkd.bank.validate import shard_metadata
-from timm_ferkd.bank.writer import atomic_write_bytes, discard_unfinished, finished_shards, sha256_file, write_shard
+from timm_ferkd.bank.writer import (
+    atomic_write_bytes, check_resumable, discard_unfinished, finished_shards, sha256_file, write_shard)
 from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans, stats_for_chans
 from timm_ferkd.errors import BankError, ConfigError
+from timm_ferkd.losses import feature_normalized_logits
 
 __all__ = ['GenerateConfig', 'generate_bank', 'resume_settings', 'BYTE_NEUTRAL_OPTIONS']
 
@@ -152,35 +155,9 @@ class _CropDataset(Dataset):
         return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous(), index, target, height, width
 
 
-class _ShardBatches(Sampler):
-    """Batches of image indices that never cross a shard boundary."""
-
-    def __init__(self, shard_ranges: Sequence[Tuple[int, int]], images_per_batch: int):
-        self.batches: List[List[int]] = []
-        for first, count in shard_ranges:
-            for start in range(first, first + count, images_per_batch):
-                self.batches.append(list(range(start, min(start + images_per_batch, first + count))))
-
-    def __iter__(self) -> Iterator[List[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
 def _collate(items):
     return (torch.cat([i[0] for i in items]), [i[1] for i in items], [i[2] for i in items],
             [(i[3], i[4]) for i in items])
-
-
-def _distributed() -> Tuple[int, int]:
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world > 1 and not dist.is_initialized():
-        backend = 'nccl' if torch.cuda.is_available() and os.environ.get('FERKD_DIST_BACKEND') != 'gloo' else 'gloo'
-        dist.init_process_group(backend=backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _create_teacher(cfg: GenerateConfig, device: torch.device):
@@ -245,41 +222,6 @@ def resume_settings(cfg: GenerateConfig, manifest: BankManifest) -> dict:
     return json.loads(json.dumps(dict(manifest.settings(), execution=execution)))
 
 
-def _check_output(out: Path, current: dict) -> None:
-    """Refuse to mix two different generations in one directory."""
-    settings_path = out / _SETTINGS_NAME
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f'--output {out} exists and is not a directory')
-    if settings_path.is_file():
-        try:
-            previous = json.loads(settings_path.read_text())
-        except (OSError, ValueError, RecursionError):
-            previous = None
-        if not isinstance(previous, dict):
-            raise ConfigError(f'--output {out} has a corrupt {_SETTINGS_NAME}, so it cannot be resumed; delete '
-                              f'{out} or choose another --output')
-        diff = _differing(previous, current)
-        if diff:
-            shown = '; '.join(f'{k}: {json.dumps(a)} then, {json.dumps(b)} now' for k, a, b in diff[:3])
-            raise ConfigError(
-                f'--output {out} holds a bank generated with other settings ({", ".join(k for k, _, _ in diff)} '
-                f'differ; {shown}); rerun with the original flags to resume it, or choose another --output')
-    elif out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f'--output {out} is not empty and holds no bank generation; choose another --output')
-
-
-def _differing(previous: dict, current: dict, prefix: str = '') -> List[Tuple[str, Any, Any]]:
-    """(dotted key, previous value, current value) of every setting that differs."""
-    out = []
-    for key in sorted(set(previous) | set(current)):
-        a, b = previous.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differing(a, b, f'{prefix}{key}.')
-        elif a != b:
-            out.append((prefix + key, a, b))
-    return out
-
-
 def generate_bank(cfg: GenerateConfig) -> Path:
     """Label ``cfg.regions`` regions of every image with the teacher and write a bank to ``cfg.output``.
 
@@ -290,11 +232,11 @@ def generate_bank(cfg: GenerateConfig) -> Path:
         The bank directory.
     """
     cfg.check()
-    rank, world = _distributed()
-    if cfg.device.startswith('cuda') and world > 1:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-    else:
-        device = torch.device(cfg.device)
+    if dist.is_initialized():  # the caller's process group: timm would refuse to start a second one
+        rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device(cfg.device)
+    else:  # joins torchrun's (or SLURM's) group: gloo on CPU, nccl on CUDA, cuda:LOCAL_RANK per process
+        env = init_distributed_device_so(device=cfg.device)
+        rank, world, device = env['global_rank'], env['world_size'], torch.device(env['device'])
     source = create_image_source(cfg.dataset, cfg.data_dir, cfg.split, image_mode=image_mode_for_chans(cfg.in_chans),
                                  download=cfg.download, **cfg.extra_dataset_kwargs)
     model = _create_teacher(cfg, device)
@@ -316,7 +258,7 @@ def generate_bank(cfg: GenerateConfig) -> Path:
     )
     out = Path(cfg.output)
     settings = resume_settings(cfg, manifest)
-    _check_output(out, settings)
+    check_resumable(out, _SETTINGS_NAME, settings, 'a bank generation')
     if world > 1:
         dist.barrier()
     created = not out.exists()
@@ -362,19 +304,20 @@ def _label_shards(cfg, manifest, settings, source, model, teacher: TeacherInfo, 
     sampler = RegionSampler(seed=cfg.seed, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio))
     crops = _CropDataset(source, sampler, cfg.regions, size, pil_interpolation(teacher.interpolation))
     ranges = [manifest.shard_range(s) for s in todo]
-    images_per_batch = max(1, cfg.batch_size // cfg.regions)
+    step = max(1, cfg.batch_size // cfg.regions)  # images per loader batch; no batch crosses a shard boundary
+    batches = [list(range(start, min(start + step, first + count)))
+               for first, count in ranges for start in range(first, first + count, step)]
     loader = DataLoader(
-        crops, batch_sampler=_ShardBatches(ranges, images_per_batch), num_workers=cfg.workers,
+        crops, batch_sampler=batches, num_workers=cfg.workers,
         collate_fn=_collate, pin_memory=device.type == 'cuda',
         persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None)
     mean = torch.tensor(teacher.mean, device=device).view(1, -1, 1, 1) * 255
     std = torch.tensor(teacher.std, device=device).view(1, -1, 1, 1) * 255
     amp_dtype = torch.bfloat16 if cfg.amp_dtype == 'bfloat16' else torch.float16
     total_images = sum(count for _, count in ranges) * world
-    progress = None
-    if rank == 0 and cfg.progress and todo:
-        from tqdm import tqdm
-        progress = tqdm(total=total_images, unit='img', desc='generate', dynamic_ncols=True)
+    from tqdm import tqdm
+    progress = tqdm(total=total_images, unit='img', desc='generate', dynamic_ncols=True,
+                    disable=not (rank == 0 and cfg.progress and todo))
     start = time.perf_counter()
     labelled = 0
 
@@ -395,9 +338,8 @@ def _label_shards(cfg, manifest, settings, source, model, teacher: TeacherInfo, 
                 logits = model(x).float() / cfg.temperature
             else:
                 feature_map = model.forward_features(x)
-                features = model.forward_head(feature_map, pre_logits=True).float()
-                logits = model.forward_head(feature_map).float()
-                logits = cfg.fnkd_tau * logits / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                logits = feature_normalized_logits(model.forward_head(feature_map).float(),
+                                                   model.forward_head(feature_map, pre_logits=True), cfg.fnkd_tau)
         probs_out.append(F.softmax(logits, dim=1).cpu())
 
     def flush(final: bool) -> None:
@@ -429,12 +371,10 @@ def _label_shards(cfg, manifest, settings, source, model, teacher: TeacherInfo, 
             probs_out.clear()
             meta = []
             current = next(shard_iter, None)
-            if progress is not None:
-                progress.update(count * world)
-                elapsed = time.perf_counter() - start
-                progress.set_postfix(img_s=f'{labelled / elapsed:.1f}', regions_s=f'{labelled * cfg.regions / elapsed:.0f}')
-    if progress is not None:
-        progress.close()
+            progress.update(count * world)
+            elapsed = time.perf_counter() - start
+            progress.set_postfix(img_s=f'{labelled / elapsed:.1f}', regions_s=f'{labelled * cfg.regions / elapsed:.0f}')
+    progress.close()
     elapsed = time.perf_counter() - start
     if rank == 0 and labelled:
         _logger.info(f'labelled {labelled} images ({labelled * cfg.regions} regions) on rank 0 in {elapsed:.1f}s: '
