@@ -170,19 +170,16 @@ class _SoftLabelMix:
         if not applied.any():
             return x, target
         index = target['partner']
-        x_b = x[index]
-        # CutMix rows keep lam_pix = 1 outside the box, so their unpasted pixels are exactly x
+        # one pass over the pixels: the partners' copy is lerped towards x in place; CutMix rows keep
+        # lam_pix = 1 there, which lerp returns exactly as x, and get the partner's box pasted back
         lam_pix = torch.from_numpy(np.where(use_cutmix, 1.0, lam).astype(np.float32)).to(device, non_blocking=True)
-        lam_pix = lam_pix.to(x.dtype).view(n, 1, 1, 1)
-        mixed = x * lam_pix + x_b * (1 - lam_pix)
-        if use_cutmix.any():
-            top, bottom, left, right = (torch.from_numpy(v.astype(np.int64)).to(device).view(n, 1) for v in boxes)
-            rows = torch.arange(height, device=device).view(1, height)
-            cols = torch.arange(width, device=device).view(1, width)
-            in_rows = (rows >= top) & (rows < bottom)
-            in_cols = (cols >= left) & (cols < right)
-            paste = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)
-            mixed = torch.where(paste, x_b, mixed)
+        mixed = x[index].lerp_(x, lam_pix.to(x.dtype).view(n, 1, 1, 1))
+        rows = np.flatnonzero(use_cutmix)
+        row_boxes = np.stack([v[rows] for v in boxes], axis=1)
+        for top, bottom, left, right in np.unique(row_boxes, axis=0):  # 'batch' mode: one box per step
+            same = rows[(row_boxes == (top, bottom, left, right)).all(axis=1)]
+            dst, src = (torch.from_numpy(i).to(device) for i in (same, partner[same]))
+            mixed[dst, :, top:bottom, left:right] = x[src, :, top:bottom, left:right]
         soft = target['soft']
         lam_s = lam_t.to(soft.dtype).view(n, 1)
         target['soft'] = soft * lam_s + soft[index] * (1 - lam_s)
