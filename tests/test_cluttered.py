@@ -11,7 +11,7 @@ import timm.data
 from PIL import Image
 
 from bank_factory import folder_source, make_image_folder, peaked_probs, write_bank
-from conftest import run_cli
+from conftest import cli_in_process
 from timm_ferkd.bank.identity import dataset_identity
 from timm_ferkd.data.calibration import CATEGORY_DISCARD, CATEGORY_HARD, CATEGORY_SOFT, CalibrationConfig
 from timm_ferkd.data.cluttered import (
@@ -347,24 +347,26 @@ def test_gallery_categories_hand_computed(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------- integration
 
-def test_generate_verify_inspect_on_cluttered(idx_root, teacher_checkpoint, tmp_path):
+def test_generate_verify_inspect_on_cluttered(idx_root, teacher_checkpoint, tmp_path, capsys):
     name = NAME + ':fragments=6,seed=3'
     bank = tmp_path / 'bank'
-    result = run_cli('generate', '--model', 'test_resnet', '--checkpoint', teacher_checkpoint, '--num-classes', '10',
-                     '--in-chans', '1', '--dataset', name, '--data-dir', idx_root, '--split', 'test',
-                     '--num-images', 6, '--regions', 8, '--input-size', '1', '32', '32', '-b', '64', '-j', '0',
-                     '--images-per-shard', 3, '--no-progress', '--output', bank)
+    result = cli_in_process(
+        capsys, 'generate', '--model', 'test_resnet', '--checkpoint', teacher_checkpoint, '--num-classes', '10',
+        '--in-chans', '1', '--dataset', name, '--data-dir', idx_root, '--split', 'test',
+        '--num-images', 6, '--regions', 8, '--input-size', '1', '32', '32', '-b', '64', '-j', '0',
+        '--images-per-shard', 3, '--no-progress', '--output', bank)
     assert '6 images x 8 regions' in result.stdout
     manifest = json.loads((bank / 'manifest.json').read_text())
     assert manifest['dataset']['name'] == name and manifest['dataset']['num_images'] == 10000
     assert manifest['dataset']['fingerprint_kind'] == 'params+targets'
-    ok = run_cli('verify', bank, '--data-dir', idx_root)
+    ok = cli_in_process(capsys, 'verify', bank, '--data-dir', idx_root)
     assert 'matches dataset ' + name in ok.stdout
-    other = run_cli('verify', bank, '--data-dir', idx_root, '--dataset', NAME + ':fragments=6,seed=4', check=False)
+    other = cli_in_process(capsys, 'verify', bank, '--data-dir', idx_root, '--dataset', NAME + ':fragments=6,seed=4',
+                           check=False)
     assert other.returncode == 2 and 'fingerprint' in other.stderr
     plot = tmp_path / 'regions.png'
-    shown = run_cli('inspect', bank, '--show-regions', 3, '--plot', plot, '--data-dir', idx_root, '--calib-quantile',
-                    '--calib-low', 0.2, '--calib-mid', 0.5, '--calib-top', 0.9, '--json')
+    shown = cli_in_process(capsys, 'inspect', bank, '--show-regions', 3, '--plot', plot, '--data-dir', idx_root,
+                           '--calib-quantile', '--calib-low', 0.2, '--calib-mid', 0.5, '--calib-top', 0.9, '--json')
     gallery = json.loads(shown.stdout)['region_gallery']
     # quantiles of the 48 regions' confidences: about 20% discarded low, 10% high, 30% hard, 40% soft
     counts = gallery['counts']

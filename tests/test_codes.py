@@ -7,7 +7,7 @@ import torch
 from safetensors.numpy import load_file
 
 from bank_factory import folder_source, make_image_folder, write_bank
-from conftest import run_cli
+from conftest import cli_in_process
 from timm_ferkd.bank.codes import (
     decode_values, encode_values, index_bits, label_storage, pack_indices, packed_row_bytes, unpack_indices)
 from timm_ferkd.bank.labels import dense_targets
@@ -177,22 +177,23 @@ def test_read_batch_equals_one_image_reads(source, tmp_path):
             assert torch.equal(batch.soft[j], bank.dense_targets(int(i), ids[j]))
 
 
-def test_generate_and_verify_uint8_cli(fmnist_root, teacher_checkpoint, tmp_path):
+def test_generate_and_verify_uint8_cli(fmnist_root, teacher_checkpoint, tmp_path, capsys):
     from test_generate import gen_args
     out = tmp_path / 'bank'
-    done = run_cli(*gen_args(fmnist_root, teacher_checkpoint, out, num_images=8, regions=4,
-                             extra=('--value-dtype', 'uint8')))
+    done = cli_in_process(capsys, *gen_args(fmnist_root, teacher_checkpoint, out, num_images=8, regions=4,
+                                            extra=('--value-dtype', 'uint8')))
     assert done.returncode == 0, done.stderr
     bank = SoftLabelBank(out)
     assert (bank.manifest.format_version, bank.manifest.index_dtype) == (2, 'packed4')
     fp16 = tmp_path / 'fp16'
-    assert run_cli(*gen_args(fmnist_root, teacher_checkpoint, fp16, num_images=8, regions=4)).returncode == 0
+    fp16_args = gen_args(fmnist_root, teacher_checkpoint, fp16, num_images=8, regions=4)
+    assert cli_in_process(capsys, *fp16_args).returncode == 0
     reference = SoftLabelBank(fp16)
     for i in range(8):
         np.testing.assert_array_equal(bank.labels(i)[0], reference.labels(i)[0])
         assert np.abs(bank.labels(i)[1] - reference.labels(i)[1]).max() <= BOUND + 5e-4
-    checked = run_cli('verify', str(out))
+    checked = cli_in_process(capsys, 'verify', str(out))
     assert checked.returncode == 0 and 'format 2: uint8 values, packed4 indices' in checked.stdout
-    refused = run_cli(*gen_args(fmnist_root, teacher_checkpoint, tmp_path / 'x', extra=(
+    refused = cli_in_process(capsys, *gen_args(fmnist_root, teacher_checkpoint, tmp_path / 'x', extra=(
         '--value-dtype', 'uint8', '--label-type', 'full')), check=False)
     assert refused.returncode == 2 and '--label-type full' in refused.stderr

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, call_main, cli_in_process
 from timm_ferkd.labelling.generate import GenerateConfig, generate_bank
 from timm_ferkd.bank.reader import SoftLabelBank
 from timm_ferkd.errors import ConfigError
@@ -39,11 +40,30 @@ def config(fmnist_root, teacher_checkpoint, output, **kw) -> GenerateConfig:
     return GenerateConfig(**base)
 
 
-def test_generated_labels_match_teacher(fmnist_root, teacher_checkpoint, tmp_path):
+@pytest.fixture(scope='module')
+def reference(fmnist_root, teacher_checkpoint, tmp_path_factory) -> Path:
+    """The bank of ``config()``, generated uninterrupted (tests read it, never write it)."""
+    return Path(generate_bank(config(fmnist_root, teacher_checkpoint, tmp_path_factory.mktemp('gen') / 'ref')))
+
+
+# 23 shards: an odd number for two ranks, the last one short; enough left after shard 1 to kill the job there
+LONG = dict(num_images=90, regions=32, per_shard=4)
+
+
+@pytest.fixture(scope='module')
+def long_reference(fmnist_root, teacher_checkpoint, tmp_path_factory) -> Path:
+    """``timm-ferkd generate`` with the LONG sizes, uninterrupted, in one process."""
+    from timm_ferkd.cli import main
+    out = tmp_path_factory.mktemp('gen') / 'long'
+    assert call_main(main, gen_args(fmnist_root, teacher_checkpoint, out, **LONG)) == 0
+    return out
+
+
+def test_generated_labels_match_teacher(fmnist_root, teacher_checkpoint, reference):
     import timm
     from PIL import Image
     from timm_ferkd.bank.regions import replay_region
-    out = generate_bank(config(fmnist_root, teacher_checkpoint, tmp_path / 'bank'))
+    out = reference
     bank = SoftLabelBank(out, validate=True)
     m = bank.manifest
     assert (m.num_images, m.regions_per_image, m.topk, m.num_shards) == (24, 8, 5, 3)
@@ -87,8 +107,8 @@ def test_fnkd_labels_are_feature_normalised(fmnist_root, teacher_checkpoint, tmp
     np.testing.assert_allclose(bank.dense_targets(5, [1])[0].numpy(), expected.numpy(), atol=2e-3)
 
 
-def test_resume_after_crash_redoes_only_missing_shards(fmnist_root, teacher_checkpoint, tmp_path, monkeypatch):
-    reference = generate_bank(config(fmnist_root, teacher_checkpoint, tmp_path / 'ref'))
+def test_resume_after_crash_redoes_only_missing_shards(fmnist_root, teacher_checkpoint, reference, tmp_path,
+                                                      monkeypatch):
     import timm_ferkd.labelling.generate as gen
     real_write = gen._write
     calls = []
@@ -112,9 +132,10 @@ def test_resume_after_crash_redoes_only_missing_shards(fmnist_root, teacher_chec
     SoftLabelBank(out).verify_checksums()
 
 
-def test_sigkill_then_same_command_completes(fmnist_root, teacher_checkpoint, tmp_path):
+@pytest.mark.xdist_group('generate-long')
+def test_sigkill_then_same_command_completes(fmnist_root, teacher_checkpoint, long_reference, tmp_path, capsys):
     out = tmp_path / 'bank'
-    args = gen_args(fmnist_root, teacher_checkpoint, out, num_images=96, regions=64, per_shard=4)
+    args = gen_args(fmnist_root, teacher_checkpoint, out, **LONG)
     proc = subprocess.Popen([sys.executable, '-m', 'timm_ferkd', *map(str, args)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -126,35 +147,33 @@ def test_sigkill_then_same_command_completes(fmnist_root, teacher_checkpoint, tm
     proc.wait()
     assert not (out / 'manifest.json').exists(), 'the job finished before the kill: make it longer'
     done_before = len(list(out.glob('shard-*.safetensors.json')))
-    assert 2 <= done_before < 24
-    run_cli(*args)
+    assert 2 <= done_before < 23
+    cli_in_process(capsys, *args)  # the same command again (a fresh interpreter adds nothing here)
     bank = SoftLabelBank(out, validate=True)
     bank.verify_checksums()
-    reference = tmp_path / 'ref'
-    run_cli(*gen_args(fmnist_root, teacher_checkpoint, reference, num_images=96, regions=64, per_shard=4))
-    assert shard_hashes(out) == shard_hashes(reference)
+    assert shard_hashes(out) == shard_hashes(long_reference)
     assert not list(out.glob('.*.tmp'))
 
 
-def test_torchrun_two_processes_equal_one(fmnist_root, teacher_checkpoint, tmp_path):
-    single = tmp_path / 'single'
+@pytest.mark.xdist_group('generate-long')
+def test_torchrun_two_processes_equal_one(fmnist_root, teacher_checkpoint, long_reference, tmp_path):
+    single = long_reference
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    run_cli(*gen_args(fmnist_root, teacher_checkpoint, single, num_images=40, per_shard=8), env=env)
     multi = tmp_path / 'multi'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           '-m', 'timm_ferkd', *map(str, gen_args(fmnist_root, teacher_checkpoint, multi, num_images=40, per_shard=8))]
+           '-m', 'timm_ferkd', *map(str, gen_args(fmnist_root, teacher_checkpoint, multi, **LONG))]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(shard_hashes(multi)) == 5
+    assert len(shard_hashes(multi)) == 23
     assert shard_hashes(multi) == shard_hashes(single)
     a = json.loads((single / 'manifest.json').read_text())
     b = json.loads((multi / 'manifest.json').read_text())
     assert a['shards'] == b['shards']
 
 
-def test_changed_settings_refuse_to_mix(fmnist_root, teacher_checkpoint, tmp_path):
+def test_changed_settings_refuse_to_mix(fmnist_root, teacher_checkpoint, reference, tmp_path):
     out = tmp_path / 'bank'
-    generate_bank(config(fmnist_root, teacher_checkpoint, out))
+    shutil.copytree(reference, out)  # a finished bank of config()'s settings
     before = shard_hashes(out)
     with pytest.raises(ConfigError, match='other settings.*regions'):
         generate_bank(config(fmnist_root, teacher_checkpoint, out, regions=4))
@@ -169,19 +188,20 @@ def test_changed_settings_refuse_to_mix(fmnist_root, teacher_checkpoint, tmp_pat
     (['--scale', '0.1', '1.5'], '--scale'),
     (['--temperature', '-1'], '--temperature'),
 ])
-def test_bad_flags_exit_2_with_one_line(fmnist_root, teacher_checkpoint, tmp_path, extra, message):
-    result = run_cli(*gen_args(fmnist_root, teacher_checkpoint, tmp_path / 'b', extra=extra), check=False)
+def test_bad_flags_exit_2_with_one_line(fmnist_root, teacher_checkpoint, tmp_path, capsys, extra, message):
+    args = gen_args(fmnist_root, teacher_checkpoint, tmp_path / 'b', extra=extra)
+    result = cli_in_process(capsys, *args, check=False)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert message in last and last.startswith('timm-ferkd generate: error:')
     assert not (tmp_path / 'b' / 'manifest.json').exists()
 
 
-def test_missing_checkpoint_and_unknown_model(fmnist_root, tmp_path):
-    result = run_cli(*gen_args(fmnist_root, tmp_path / 'nope.pth', tmp_path / 'b'), check=False)
+def test_missing_checkpoint_and_unknown_model(fmnist_root, tmp_path, capsys):
+    result = cli_in_process(capsys, *gen_args(fmnist_root, tmp_path / 'nope.pth', tmp_path / 'b'), check=False)
     assert result.returncode == 2 and 'does not exist' in result.stderr
     args = gen_args(fmnist_root, tmp_path / 'nope.pth', tmp_path / 'b')
     args[args.index('--checkpoint'):args.index('--checkpoint') + 2] = []
     args[args.index('test_resnet')] = 'no_such_model'
-    result = run_cli(*args, check=False)
+    result = cli_in_process(capsys, *args, check=False)
     assert result.returncode == 2 and 'unknown --model' in result.stderr

@@ -1,4 +1,9 @@
-"""train_ferkd.py end to end on a Fashion-MNIST subset: every mode, resume, torchrun, checkpoints, errors."""
+"""train_ferkd.py end to end on a Fashion-MNIST subset: every mode, resume, torchrun, checkpoints, errors.
+
+The plain and FKD runs, resume, torchrun and SIGTERM run the script as a subprocess, as a user does; the other
+runs and the bad-input cases call ``train_ferkd.main`` in-process, where a fresh interpreter adds nothing. Runs
+that several tests read are module fixtures, and those tests one pytest-xdist group.
+"""
 import signal
 import subprocess
 import sys
@@ -8,31 +13,58 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, call_main, train_in_process
 
 IMAGES = 192
 
 
 @pytest.fixture(scope='module')
 def bank(fmnist_root, teacher_checkpoint, tmp_path_factory) -> Path:
+    from timm_ferkd.cli import main
     out = tmp_path_factory.mktemp('train') / 'bank'
-    run_cli('generate', '--model', 'test_resnet', '--checkpoint', teacher_checkpoint, '--num-classes', '10',
-            '--in-chans', '1', '--dataset', 'torch/fashion_mnist', '--data-dir', fmnist_root,
-            '--num-images', IMAGES, '--regions', '8', '--input-size', '1', '28', '28', '-j', '0',
-            '--images-per-shard', '96', '--no-progress', '--output', out)
+    assert call_main(main, [
+        'generate', '--model', 'test_resnet', '--checkpoint', teacher_checkpoint, '--num-classes', '10',
+        '--in-chans', '1', '--dataset', 'torch/fashion_mnist', '--data-dir', fmnist_root,
+        '--num-images', IMAGES, '--regions', '8', '--input-size', '1', '28', '28', '-j', '0',
+        '--images-per-shard', '96', '--no-progress', '--output', out]) == 0
     return out
+
+
+def train_argv(fmnist_root, output, *extra):
+    return ['--data-dir', str(fmnist_root), '--dataset', 'torch/fashion_mnist',
+            '--model', 'test_resnet', '--num-classes', '10', '--input-size', '1', '28', '28',
+            '--val-subset', '128', '-b', '32', '--epochs', '1', '--warmup-epochs', '0', '-j', '0',
+            '--lr', '0.05', '--output', str(output), '--log-interval', '2', '--seed', '3', *map(str, extra)]
 
 
 def train(fmnist_root, output, *extra, check=True, env=None, launcher=()):
     cmd = [*launcher] if launcher else [sys.executable]
-    cmd += [str(REPO / 'train_ferkd.py'), '--data-dir', str(fmnist_root), '--dataset', 'torch/fashion_mnist',
-            '--model', 'test_resnet', '--num-classes', '10', '--input-size', '1', '28', '28',
-            '--val-subset', '128', '-b', '32', '--epochs', '1', '--warmup-epochs', '0', '-j', '0',
-            '--lr', '0.05', '--output', str(output), '--log-interval', '2', '--seed', '3', *map(str, extra)]
+    cmd += [str(REPO / 'train_ferkd.py'), *train_argv(fmnist_root, output, *extra)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f'{" ".join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}')
     return result
+
+
+def train_here(capsys, fmnist_root, output, *extra, check=True):
+    """``train`` in this process (for runs a fresh interpreter adds nothing to)."""
+    return train_in_process(capsys, *train_argv(fmnist_root, output, *extra), check=check)
+
+
+@pytest.fixture(scope='module')
+def plain_run(fmnist_root, tmp_path_factory):
+    """Two epochs without a teacher: (the process's result, its run folder)."""
+    out = tmp_path_factory.mktemp('plain')
+    return train(fmnist_root, out, '--experiment', 'plain', '--train-subset', IMAGES, '--epochs', '2'), out / 'plain'
+
+
+@pytest.fixture(scope='module')
+def offline_run(fmnist_root, bank, tmp_path_factory):
+    """Two epochs on the bank (4 crops, soft CE), the first a per-update warmup: (result, run folder)."""
+    out = tmp_path_factory.mktemp('fkd')
+    result = train(fmnist_root, out, '--experiment', 'fkd', '--soft-labels', bank, '--num-crops', '4',
+                   '--distill-loss', 'soft_ce', '--epochs', '2', '--warmup-epochs', '1', '--lr', '0.1')
+    return result, out / 'fkd'
 
 
 def summary_rows(run_dir: Path):
@@ -41,9 +73,9 @@ def summary_rows(run_dir: Path):
         return list(csv.DictReader(f))
 
 
-def test_plain(fmnist_root, tmp_path):
-    train(fmnist_root, tmp_path, '--experiment', 'plain', '--train-subset', IMAGES, '--epochs', '2')
-    run = tmp_path / 'plain'
+@pytest.mark.xdist_group('train-runs')
+def test_plain(plain_run):
+    run = plain_run[1]
     for name in ('last.pth.tar', 'model_best.pth.tar', 'args.yaml', 'summary.csv'):
         assert (run / name).is_file(), name
     rows = summary_rows(run)
@@ -51,34 +83,35 @@ def test_plain(fmnist_root, tmp_path):
     assert 0 <= float(rows[-1]['eval_top1']) <= 100
 
 
-def test_online_kd_uses_timm_logit_distillation(fmnist_root, teacher_checkpoint, tmp_path):
-    result = train(fmnist_root, tmp_path, '--experiment', 'kd', '--train-subset', IMAGES,
-                   '--kd-model-name', 'test_resnet', '--kd-checkpoint', teacher_checkpoint, '--kd-temperature', '2')
+def test_online_kd_uses_timm_logit_distillation(fmnist_root, teacher_checkpoint, tmp_path, capsys):
+    result = train_here(capsys, fmnist_root, tmp_path, '--experiment', 'kd', '--train-subset', IMAGES,
+                        '--kd-model-name', 'test_resnet', '--kd-checkpoint', teacher_checkpoint,
+                        '--kd-temperature', '2')
     assert 'LogitDistillationTask' in result.stdout + result.stderr
     assert 'train_kd_loss' in (tmp_path / 'kd' / 'summary.csv').read_text()
 
 
-def test_fkd_offline(fmnist_root, bank, tmp_path):
-    result = train(fmnist_root, tmp_path, '--experiment', 'fkd', '--soft-labels', bank, '--num-crops', '4',
-                   '--distill-loss', 'soft_ce')
+@pytest.mark.xdist_group('train-runs')
+def test_fkd_offline(offline_run):
+    result, run = offline_run
     log = result.stdout + result.stderr
     assert f'One epoch = {IMAGES} images decoded once x 4 crop(s) = {IMAGES * 4} crops' in log
-    assert 'train_soft_ce' in (tmp_path / 'fkd' / 'summary.csv').read_text()
+    assert 'train_soft_ce' in (run / 'summary.csv').read_text()
 
 
-def test_ferkd_selfmix_vit_student(fmnist_root, bank, tmp_path):
-    train(fmnist_root, tmp_path, '--experiment', 'ferkd', '--soft-labels', bank, '--num-crops', '4',
-          '--distill-loss', 'ferkd', '--calib-quantile', '--calib-low', '0.05', '--calib-mid', '0.3',
-          '--selfmix', '0.8', '--selfmix-cutmix', '1.0', '--selfmix-prob', '1.0',
-          '--model', 'test_vit', '--model-kwargs', 'patch_size=4', '--opt', 'adamw', '--lr', '1e-3')
+def test_ferkd_selfmix_vit_student(fmnist_root, bank, tmp_path, capsys):
+    train_here(capsys, fmnist_root, tmp_path, '--experiment', 'ferkd', '--soft-labels', bank, '--num-crops', '4',
+               '--distill-loss', 'ferkd', '--calib-quantile', '--calib-low', '0.05', '--calib-mid', '0.3',
+               '--selfmix', '0.8', '--selfmix-cutmix', '1.0', '--selfmix-prob', '1.0',
+               '--model', 'test_vit', '--model-kwargs', 'patch_size=4', '--opt', 'adamw', '--lr', '1e-3')
     import timm
     model = timm.create_model('test_vit', num_classes=10, in_chans=1, img_size=28, patch_size=4,
                               checkpoint_path=str(tmp_path / 'ferkd' / 'model_best.pth.tar'))
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
-def test_vit_patch_size_mismatch_is_a_clear_error(fmnist_root, bank, tmp_path):
-    result = train(fmnist_root, tmp_path, '--soft-labels', bank, '--model', 'test_vit', check=False)
+def test_vit_patch_size_mismatch_is_a_clear_error(fmnist_root, bank, tmp_path, capsys):
+    result = train_here(capsys, fmnist_root, tmp_path, '--soft-labels', bank, '--model', 'test_vit', check=False)
     assert result.returncode == 2
     assert "not a multiple of test_vit's patch size (16, 16)" in result.stderr
 
@@ -117,7 +150,7 @@ def test_torchrun_two_processes(fmnist_root, bank, tmp_path):
     assert len(summary_rows(tmp_path / 'ddp')) == 1
 
 
-def test_sigterm_writes_recovery_checkpoint(fmnist_root, bank, tmp_path):
+def test_sigterm_writes_recovery_checkpoint(fmnist_root, bank, tmp_path, capsys):
     cmd = [sys.executable, str(REPO / 'train_ferkd.py'), '--data-dir', str(fmnist_root), '--dataset',
            'torch/fashion_mnist', '--model', 'test_resnet', '--num-classes', '10', '--input-size', '1', '28', '28',
            '--soft-labels', str(bank), '--num-crops', '4', '-b', '4', '--epochs', '50', '-j', '0',
@@ -135,7 +168,8 @@ def test_sigterm_writes_recovery_checkpoint(fmnist_root, bank, tmp_path):
     assert len(recovery) == 1
     state = torch.load(recovery[0], map_location='cpu', weights_only=False)
     assert state['epoch'] == -1  # resume restarts the interrupted epoch 0
-    result = train(fmnist_root, tmp_path, '--experiment', 'term2', '--soft-labels', bank, '--resume', recovery[0])
+    result = train_here(capsys, fmnist_root, tmp_path, '--experiment', 'term2', '--soft-labels', bank,
+                        '--resume', recovery[0])
     assert 'epoch 0:' in result.stdout + result.stderr
 
 
@@ -143,23 +177,22 @@ def _logged_lrs(log: str, epoch: int):
     return [float(line.split(' lr ')[1].split()[0]) for line in log.splitlines() if f'train epoch {epoch} [' in line]
 
 
-def test_offline_schedule_steps_per_update_plain_per_epoch(fmnist_root, bank, tmp_path):
-    offline = train(fmnist_root, tmp_path, '--experiment', 'upd', '--soft-labels', bank, '--num-crops', '4',
-                    '--epochs', '2', '--warmup-epochs', '1', '--lr', '0.1')
-    log = offline.stdout + offline.stderr
+@pytest.mark.xdist_group('train-runs')
+def test_offline_schedule_steps_per_update_plain_per_epoch(offline_run, plain_run):
+    log = offline_run[0].stdout + offline_run[0].stderr
     warmup, decay = _logged_lrs(log, 0), _logged_lrs(log, 1)
     # 192 images x 4 crops / 32 = 24 updates per epoch: warmup rises and cosine decays within the epochs
     assert '24 steps of 32 crops' in log
     # (the last line of epoch 0 is logged after update 24, where timm's cosine takes over from warmup)
     assert len(warmup) > 3 and all(a < b for a, b in zip(warmup[:-1], warmup[1:-1]))
     assert len(decay) > 3 and all(a > b for a, b in zip(decay, decay[1:]))
-    plain = train(fmnist_root, tmp_path, '--experiment', 'ep', '--train-subset', IMAGES, '--epochs', '2')
+    plain = plain_run[0]
     assert len(set(_logged_lrs(plain.stdout + plain.stderr, 1))) == 1
 
 
-def test_validation_on_a_held_out_range_of_the_training_split(fmnist_root, tmp_path):
-    result = train(fmnist_root, tmp_path, '--experiment', 'held', '--train-subset', '64',
-                   '--val-split', 'train[59900:]', '--val-subset', '1000')
+def test_validation_on_a_held_out_range_of_the_training_split(fmnist_root, tmp_path, capsys):
+    result = train_here(capsys, fmnist_root, tmp_path, '--experiment', 'held', '--train-subset', '64',
+                        '--val-split', 'train[59900:]', '--val-subset', '1000')
     assert (tmp_path / 'held' / 'summary.csv').is_file()
     import yaml
     assert yaml.safe_load((tmp_path / 'held' / 'args.yaml').read_text())['val_split'] == 'train[59900:]'
@@ -168,7 +201,7 @@ def test_validation_on_a_held_out_range_of_the_training_split(fmnist_root, tmp_p
 
 @pytest.mark.parametrize('case', ['model', 'dataset', 'other_split', 'classes', 'crops', 'resume', 'kd_checkpoint',
                                   'warmup', 'empty_range', 'sliced_bank_split'])
-def test_bad_input_exits_2_before_training(fmnist_root, bank, tmp_path, case):
+def test_bad_input_exits_2_before_training(fmnist_root, bank, tmp_path, capsys, case):
     junk = tmp_path / 'junk.pth.tar'
     junk.write_bytes(b'not a checkpoint')
     extra = {
@@ -189,7 +222,7 @@ def test_bad_input_exits_2_before_training(fmnist_root, bank, tmp_path, case):
         'kd_checkpoint': 'is not a checkpoint of test_resnet', 'warmup': 'never leave warmup',
         'empty_range': 'selects no images', 'sliced_bank_split': 'images its bank labels',
     }[case]
-    result = train(fmnist_root, tmp_path, '--experiment', case, *extra, check=False)
+    result = train_here(capsys, fmnist_root, tmp_path, '--experiment', case, *extra, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith('train_ferkd.py: error:') and expected in last, last
