@@ -91,6 +91,32 @@ def test_online_kd_uses_timm_logit_distillation(fmnist_root, teacher_checkpoint,
     assert 'train_kd_loss' in (tmp_path / 'kd' / 'summary.csv').read_text()
 
 
+@pytest.mark.parametrize('flags, task, term', [
+    (('--kd-loss', 'fnkd', '--fnkd-tau', '2'), 'OnlineDistillTask: loss=FNKDLoss', 'train_fnkd'),
+    (('--kd-loss', 'kd', '--kd-prob-shift'), 'OnlineDistillTask: loss=KDLoss', 'train_kd'),
+    (('--soft-labels', None, '--num-crops', '2', '--distill-loss', 'fnkd'), 'FerKDTask: loss=FNKDLoss', 'train_fnkd'),
+])
+def test_criteria_come_from_timms_loss_factory(fmnist_root, teacher_checkpoint, bank, tmp_path, capsys, flags,
+                                               task, term):
+    # every distillation criterion is built by timm's create_classification_loss (patched by register_with_timm)
+    import timm.loss
+    from timm_ferkd.losses import TimmCriterion
+    from timm_ferkd.registration import register_with_timm, unregister_from_timm
+    register_with_timm()  # what train_ferkd.main does first; the spy below wraps the patched factory
+    patched, built = timm.loss.create_classification_loss, []
+    timm.loss.create_classification_loss = lambda *a, **k: built.append(patched(*a, **k)) or built[-1]
+    flags = tuple(bank if f is None else f for f in flags)
+    teacher = () if '--soft-labels' in flags else ('--kd-model-name', 'test_resnet', '--kd-checkpoint', teacher_checkpoint)
+    try:
+        result = train_here(capsys, fmnist_root, tmp_path, '--experiment', 'x', '--train-subset', 64, *teacher, *flags)
+    finally:
+        timm.loss.create_classification_loss = patched
+        unregister_from_timm()
+    assert task in result.stdout + result.stderr
+    assert len(built) == 1 and isinstance(built[0], TimmCriterion)
+    assert term in (tmp_path / 'x' / 'summary.csv').read_text()
+
+
 @pytest.mark.xdist_group('train-runs')
 def test_fkd_offline(offline_run):
     result, run = offline_run
