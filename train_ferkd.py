@@ -274,10 +274,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f'--data-dir {args.data_dir} does not exist')
     if args.batch_size < 1 or args.epochs < 1:
         raise ConfigError('-b/--batch-size and --epochs must be >= 1')
-    if args.val_interval < 1:
-        raise ConfigError(f'--val-interval {args.val_interval} must be >= 1')
-    if args.num_crops < 1:
-        raise ConfigError(f'--num-crops {args.num_crops} must be >= 1')
+    for name in ('val_interval', 'num_crops', 'log_interval', 'checkpoint_hist'):
+        if getattr(args, name) < 1:
+            raise ConfigError(f'--{name.replace("_", "-")} {getattr(args, name)} must be >= 1')
     if args.soft_labels and args.crop_layout == 'image' and args.batch_size % args.num_crops:
         raise ConfigError(f'-b {args.batch_size} must be a multiple of --num-crops {args.num_crops} with '
                           f'--crop-layout image (a step holds images x crops)')
@@ -288,12 +287,10 @@ def _check_args(args: argparse.Namespace) -> None:
         args.sched_on_updates = bool(args.soft_labels)
     if args.soft_labels and args.kd_model_name:
         raise ConfigError('choose offline (--soft-labels) or online (--kd-model-name) distillation, not both')
-    if args.kd_model_name and args.kd_checkpoint and not os.path.isfile(args.kd_checkpoint):
-        raise ConfigError(f'--kd-checkpoint {args.kd_checkpoint} does not exist')
-    if args.resume and not os.path.isfile(args.resume):
-        raise ConfigError(f'--resume {args.resume} does not exist')
-    if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
-        raise ConfigError(f'--initial-checkpoint {args.initial_checkpoint} does not exist')
+    for flag, path in (('--kd-checkpoint', args.kd_model_name and args.kd_checkpoint), ('--resume', args.resume),
+                       ('--initial-checkpoint', args.initial_checkpoint)):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f'{flag} {path} does not exist')
     for name in ('distill_temperature', 'kd_temperature', 'label_temperature'):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -302,9 +299,6 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f'--{name.replace("_", "-")} {value} must be a finite number >= 0')
-    for name in ('log_interval', 'checkpoint_hist'):
-        if getattr(args, name) < 1:
-            raise ConfigError(f'--{name.replace("_", "-")} {getattr(args, name)} must be >= 1')
     if args.workers < 0:
         raise ConfigError(f'-j/--workers {args.workers} must be >= 0')
     if not 0 <= args.seed < 1 << 31:
@@ -320,10 +314,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _create_model(args: argparse.Namespace) -> nn.Module:
-    in_chans = args.in_chans
-    if in_chans is None:
-        in_chans = args.input_size[0] if args.input_size is not None else 3
-    args.in_chans = in_chans
+    if args.in_chans is None:
+        args.in_chans = args.input_size[0] if args.input_size is not None else 3
     size = args.input_size[1:] if args.input_size is not None else (
         (args.img_size, args.img_size) if args.img_size else None)
     factory_kwargs: Dict[str, Any] = dict(args.model_kwargs)
@@ -340,7 +332,7 @@ def _create_model(args: argparse.Namespace) -> nn.Module:
     if ':' not in args.model and not is_model(args.model):  # 'hf-hub:...' and 'local-dir:...' go to timm
         raise ConfigError(f'unknown --model {args.model!r}; list names with timm.list_models()')
     model = create_model(
-        args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
+        args.model, pretrained=args.pretrained, in_chans=args.in_chans, num_classes=args.num_classes,
         drop_rate=args.drop, **factory_kwargs)
     patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
     if patch is not None and size is not None:
@@ -360,13 +352,10 @@ def _create_model(args: argparse.Namespace) -> nn.Module:
 
 def _data_config(args: argparse.Namespace, model: nn.Module) -> Dict[str, Any]:
     data_config = resolve_data_config(vars(args), model=model)
-    chans = args.in_chans
-    input_size = args.input_size or ((chans, args.img_size, args.img_size) if args.img_size else None)
-    if input_size is None:
-        input_size = (chans,) + tuple(data_config['input_size'][1:])
-    data_config['input_size'] = tuple(input_size)
+    # a pretrained cfg's input size and statistics come with its channels, not necessarily the model's
+    data_config['input_size'] = (args.in_chans,) + tuple(data_config['input_size'][1:])
     for key in ('mean', 'std'):
-        data_config[key] = stats_for_chans(data_config[key], chans)
+        data_config[key] = stats_for_chans(data_config[key], args.in_chans)
     return data_config
 
 

@@ -1,17 +1,9 @@
-"""Training tasks (timm ``TrainingTask``) for offline and online distillation.
+"""Training tasks (timm ``TrainingTask``) for offline (:class:`FerKDTask`) and online (:class:`OnlineDistillTask`)
+distillation, and :func:`create_task`, which picks one of them or timm's ``LogitDistillationTask``.
 
-* :class:`FerKDTask`: no teacher in the loop; the target carries stored (adapted) region
-  labels. Works with any loss of :mod:`timm_ferkd.losses`.
-* :class:`OnlineDistillTask`: a frozen teacher (timm's ``DistillationTeacher``) runs in the
-  loop and feeds its logits (and features) to the same loss modules: FNKD, DTD, or KD with
-  probability shift.
-* :func:`create_task`: picks one of the above, or timm's own ``LogitDistillationTask`` for plain
-  online Hinton KD.
-
-Student side, shared by both tasks: when the loss needs pre-logit features the student is
-wrapped in :class:`StudentFeatureModule` so that DDP wraps the whole trainable forward, while
-``get_eval_model`` still returns the bare student so checkpoints load straight into
-``timm.create_model(name)``.
+A loss that needs pre-logit features gets the student wrapped in :class:`StudentFeatureModule`, so that DDP
+wraps the whole trainable forward, while ``get_eval_model`` still returns the bare student (checkpoints load
+straight into ``timm.create_model(name)``).
 """
 import logging
 from typing import Any, Dict, Optional, Tuple, Union
