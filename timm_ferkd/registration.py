@@ -116,8 +116,9 @@ def _create_cluttered_dataset(signature: inspect.Signature, name: str, args: tup
 
 
 def _wrap_create_classification_loss(original: Callable) -> Callable:
+    from timm.loss import _loss_factory
     signature = inspect.signature(original)
-    timm_types = set(_timm_loss_types())
+    timm_types = set(_loss_factory.LOSS_TYPES)
 
     @functools.wraps(original)
     def create_classification_loss(loss_type=None, *args, **kwargs):
@@ -150,11 +151,6 @@ def _create_ferkd_loss(signature: inspect.Signature, loss_type: str, args: tuple
                 f'loss {loss_type!r} is a timm-ferkd distillation loss: timm option {key}={value!r} does not apply '
                 f'(pass the loss\'s own arguments, e.g. temperature=..., instead)')
     return TimmCriterion(create_distill_loss(loss_type, **extra))
-
-
-def _timm_loss_types() -> Tuple[str, ...]:
-    from timm.loss import _loss_factory
-    return tuple(_loss_factory.LOSS_TYPES)
 
 
 def _targets() -> List[Tuple[str, Callable, Callable]]:
