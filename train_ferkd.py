@@ -47,10 +47,16 @@ from timm.utils import (
     AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs, dispatch_clip_grad, get_outdir, init_distributed_device,
     random_seed, setup_default_logging, update_summary)
 
+from timm_ferkd.bank.hub import HF_HUB_PREFIX, open_bank, pull_bank
+from timm_ferkd.bank.identity import bank_fingerprint
+from timm_ferkd.data.calibration import CalibrationConfig
+from timm_ferkd.data.loader import create_region_loader
+from timm_ferkd.data.mixing import create_selfmix
 from timm_ferkd.data.source import stats_for_chans
 from timm_ferkd.errors import ConfigError, FerKDError
 from timm_ferkd.losses import DISTILL_LOSS_CLASSES, DISTILL_LOSS_TYPES
 from timm_ferkd.registration import register_with_timm
+from timm_ferkd.task import FerKDTask, create_task
 
 _logger = logging.getLogger('train_ferkd')
 
@@ -364,23 +370,22 @@ _FULL_CHECK_BYTES = 2 * 10 ** 9
 
 
 def _open_bank(args: argparse.Namespace):
-    from timm_ferkd.bank.hub import HF_HUB_PREFIX, open_bank, pull_bank
     name = args.soft_labels
     if name.startswith(HF_HUB_PREFIX):
         pulled = pull_bank(name)
         # record the exact commit so the run can be reproduced from args.yaml
         args.soft_labels_commit = pulled.commit
         name = str(pulled.path)
-    bank = open_bank(name, validate=True)
+    bank = open_bank(name)
     size = bank.bytes_on_disk()
-    if args.verify_bank == 'full' or (args.verify_bank == 'auto' and size <= _FULL_CHECK_BYTES):
-        start = time.perf_counter()
-        bank.validate(full=True)
+    full = args.verify_bank == 'full' or (args.verify_bank == 'auto' and size <= _FULL_CHECK_BYTES)
+    start = time.perf_counter()
+    bank.validate(full=full)  # the full check includes the quick one
+    if full:
         _logger.info(f'bank {bank.path}: checksums and label values OK ({time.perf_counter() - start:.1f}s)')
     elif args.rank == 0:
         _logger.info(f'bank {bank.path} ({size / 1e9:.1f} GB): headers and a sample of images checked; '
                      f'--verify-bank full (or `timm-ferkd verify`) checks every shard\'s sha256 and value')
-    from timm_ferkd.bank.identity import bank_fingerprint
     # saved with args in every checkpoint: a resume with another bank is noticed
     args.soft_labels_fingerprint = bank_fingerprint(bank.manifest)
     return bank
@@ -609,9 +614,6 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
 def _create_train_loader(args, data_config, device, bank):
     interpolation = data_config['interpolation']
     if bank is not None:
-        from timm_ferkd.data.calibration import CalibrationConfig
-        from timm_ferkd.data.loader import create_region_loader
-        from timm_ferkd.data.mixing import create_selfmix
         if _split_range(args.dataset, args.train_split)[1] is not None:
             raise ConfigError(f'--train-split {args.train_split}: offline training uses the images its bank labels '
                               f'(generate --num-images N for the first N); pass the bank\'s split name')
@@ -674,7 +676,6 @@ def _loss_kwargs(args, name: str, flags) -> Dict[str, Any]:
 
 def _create_task(args, model, mode, device):
     """Every criterion comes from timm's ``create_classification_loss`` (register_with_timm() taught it ours)."""
-    from timm_ferkd.task import FerKDTask, create_task
     verbose = args.rank == 0
     if mode == 'plain':
         return ClassificationTask(model, criterion_kwargs=dict(
