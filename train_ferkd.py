@@ -39,18 +39,24 @@ import torch.nn as nn
 import yaml
 
 from timm.data import create_loader, resolve_data_config, Mixup
-from timm.models import create_model, is_model, safe_model_name
+from timm.models import create_model, get_pretrained_cfg, is_model, load_checkpoint, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import (
-    AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs, get_outdir, init_distributed_device, random_seed,
-    setup_default_logging, update_summary)
+    AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs, dispatch_clip_grad, get_outdir, init_distributed_device,
+    random_seed, setup_default_logging, update_summary)
 
+from timm_ferkd.bank.hub import HF_HUB_PREFIX, open_bank, pull_bank
+from timm_ferkd.bank.identity import bank_fingerprint
+from timm_ferkd.data.calibration import CalibrationConfig
+from timm_ferkd.data.loader import create_region_loader
+from timm_ferkd.data.mixing import create_selfmix
 from timm_ferkd.data.source import stats_for_chans
 from timm_ferkd.errors import ConfigError, FerKDError
 from timm_ferkd.losses import DISTILL_LOSS_CLASSES, DISTILL_LOSS_TYPES
 from timm_ferkd.registration import register_with_timm
+from timm_ferkd.task import FerKDTask, create_task
 
 _logger = logging.getLogger('train_ferkd')
 
@@ -274,10 +280,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f'--data-dir {args.data_dir} does not exist')
     if args.batch_size < 1 or args.epochs < 1:
         raise ConfigError('-b/--batch-size and --epochs must be >= 1')
-    if args.val_interval < 1:
-        raise ConfigError(f'--val-interval {args.val_interval} must be >= 1')
-    if args.num_crops < 1:
-        raise ConfigError(f'--num-crops {args.num_crops} must be >= 1')
+    for name in ('val_interval', 'num_crops', 'log_interval', 'checkpoint_hist'):
+        if getattr(args, name) < 1:
+            raise ConfigError(f'--{name.replace("_", "-")} {getattr(args, name)} must be >= 1')
     if args.soft_labels and args.crop_layout == 'image' and args.batch_size % args.num_crops:
         raise ConfigError(f'-b {args.batch_size} must be a multiple of --num-crops {args.num_crops} with '
                           f'--crop-layout image (a step holds images x crops)')
@@ -288,12 +293,10 @@ def _check_args(args: argparse.Namespace) -> None:
         args.sched_on_updates = bool(args.soft_labels)
     if args.soft_labels and args.kd_model_name:
         raise ConfigError('choose offline (--soft-labels) or online (--kd-model-name) distillation, not both')
-    if args.kd_model_name and args.kd_checkpoint and not os.path.isfile(args.kd_checkpoint):
-        raise ConfigError(f'--kd-checkpoint {args.kd_checkpoint} does not exist')
-    if args.resume and not os.path.isfile(args.resume):
-        raise ConfigError(f'--resume {args.resume} does not exist')
-    if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
-        raise ConfigError(f'--initial-checkpoint {args.initial_checkpoint} does not exist')
+    for flag, path in (('--kd-checkpoint', args.kd_model_name and args.kd_checkpoint), ('--resume', args.resume),
+                       ('--initial-checkpoint', args.initial_checkpoint)):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f'{flag} {path} does not exist')
     for name in ('distill_temperature', 'kd_temperature', 'label_temperature'):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -302,9 +305,6 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f'--{name.replace("_", "-")} {value} must be a finite number >= 0')
-    for name in ('log_interval', 'checkpoint_hist'):
-        if getattr(args, name) < 1:
-            raise ConfigError(f'--{name.replace("_", "-")} {getattr(args, name)} must be >= 1')
     if args.workers < 0:
         raise ConfigError(f'-j/--workers {args.workers} must be >= 0')
     if not 0 <= args.seed < 1 << 31:
@@ -320,17 +320,14 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _create_model(args: argparse.Namespace) -> nn.Module:
-    in_chans = args.in_chans
-    if in_chans is None:
-        in_chans = args.input_size[0] if args.input_size is not None else 3
-    args.in_chans = in_chans
+    if args.in_chans is None:
+        args.in_chans = args.input_size[0] if args.input_size is not None else 3
     size = args.input_size[1:] if args.input_size is not None else (
         (args.img_size, args.img_size) if args.img_size else None)
     factory_kwargs: Dict[str, Any] = dict(args.model_kwargs)
     if args.drop_path is not None:
         factory_kwargs['drop_path_rate'] = args.drop_path
     try:
-        from timm.models import get_pretrained_cfg
         cfg = get_pretrained_cfg(args.model)
         fixed_size = bool(cfg and cfg.fixed_input_size)
     except (RuntimeError, ValueError):
@@ -341,7 +338,7 @@ def _create_model(args: argparse.Namespace) -> nn.Module:
     if ':' not in args.model and not is_model(args.model):  # 'hf-hub:...' and 'local-dir:...' go to timm
         raise ConfigError(f'unknown --model {args.model!r}; list names with timm.list_models()')
     model = create_model(
-        args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
+        args.model, pretrained=args.pretrained, in_chans=args.in_chans, num_classes=args.num_classes,
         drop_rate=args.drop, **factory_kwargs)
     patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
     if patch is not None and size is not None:
@@ -351,7 +348,6 @@ def _create_model(args: argparse.Namespace) -> nn.Module:
     if args.num_classes is None:
         args.num_classes = model.num_classes
     if args.initial_checkpoint:
-        from timm.models import load_checkpoint
         try:
             load_checkpoint(model, args.initial_checkpoint)
         except (RuntimeError, KeyError) as e:
@@ -362,13 +358,10 @@ def _create_model(args: argparse.Namespace) -> nn.Module:
 
 def _data_config(args: argparse.Namespace, model: nn.Module) -> Dict[str, Any]:
     data_config = resolve_data_config(vars(args), model=model)
-    chans = args.in_chans
-    input_size = args.input_size or ((chans, args.img_size, args.img_size) if args.img_size else None)
-    if input_size is None:
-        input_size = (chans,) + tuple(data_config['input_size'][1:])
-    data_config['input_size'] = tuple(input_size)
+    # a pretrained cfg's input size and statistics come with its channels, not necessarily the model's
+    data_config['input_size'] = (args.in_chans,) + tuple(data_config['input_size'][1:])
     for key in ('mean', 'std'):
-        data_config[key] = stats_for_chans(data_config[key], chans)
+        data_config[key] = stats_for_chans(data_config[key], args.in_chans)
     return data_config
 
 
@@ -377,33 +370,37 @@ _FULL_CHECK_BYTES = 2 * 10 ** 9
 
 
 def _open_bank(args: argparse.Namespace):
-    from timm_ferkd.bank.hub import HF_HUB_PREFIX, open_bank, pull_bank
     name = args.soft_labels
     if name.startswith(HF_HUB_PREFIX):
         pulled = pull_bank(name)
         # record the exact commit so the run can be reproduced from args.yaml
         args.soft_labels_commit = pulled.commit
         name = str(pulled.path)
-    bank = open_bank(name, validate=True)
+    bank = open_bank(name)
     size = bank.bytes_on_disk()
-    if args.verify_bank == 'full' or (args.verify_bank == 'auto' and size <= _FULL_CHECK_BYTES):
-        start = time.perf_counter()
-        bank.validate(full=True)
+    full = args.verify_bank == 'full' or (args.verify_bank == 'auto' and size <= _FULL_CHECK_BYTES)
+    start = time.perf_counter()
+    bank.validate(full=full)  # the full check includes the quick one
+    if full:
         _logger.info(f'bank {bank.path}: checksums and label values OK ({time.perf_counter() - start:.1f}s)')
     elif args.rank == 0:
         _logger.info(f'bank {bank.path} ({size / 1e9:.1f} GB): headers and a sample of images checked; '
                      f'--verify-bank full (or `timm-ferkd verify`) checks every shard\'s sha256 and value')
-    from timm_ferkd.bank.identity import bank_fingerprint
     # saved with args in every checkpoint: a resume with another bank is noticed
     args.soft_labels_fingerprint = bank_fingerprint(bank.manifest)
     return bank
 
 
+def _load_state(path: str, **kwargs) -> Any:
+    """A timm checkpoint, unpickling nothing but its ``args`` Namespace."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True, **kwargs)
+
+
 def _check_resume_bank(args: argparse.Namespace) -> None:
     """Refuse to continue a run with another bank than the one its checkpoint was trained on."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(args.resume, map_location='cpu', weights_only=True, mmap=True)
+        state = _load_state(args.resume, mmap=True)
     except Exception:  # a checkpoint whose args cannot be read records no bank
         return
     saved_args = state.get('args') if isinstance(state, dict) else None
@@ -417,21 +414,8 @@ def _check_resume_bank(args: argparse.Namespace) -> None:
             f'on this one on purpose')
 
 
-class _ImageRange(torch.utils.data.Dataset):
-    """Samples ``start:stop`` of a dataset; ``transform`` passes through so timm's loaders can set it."""
-
-    def __init__(self, dataset, start: int, stop: int):
-        self.dataset = dataset
-        self.start = start
-        self.stop = stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, index: int):
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.dataset[self.start + index]
+class _ImageRange(torch.utils.data.Subset):
+    """A ``Subset`` whose ``transform`` passes through to the dataset, so timm's loaders can set it."""
 
     @property
     def transform(self):
@@ -454,8 +438,15 @@ def _split_range(dataset_name: str, split: str) -> Tuple[str, Optional[slice]]:
     return match['name'], slice(to_int(match['start']), to_int(match['stop']))
 
 
-def _select(dataset, flag: str, split_range: Optional[slice], first: Optional[int]):
-    """The images of ``split_range`` of ``dataset``, then the first ``first`` of those."""
+def _image_dataset(args: argparse.Namespace, flag: str, split: str, first: Optional[int], is_training: bool):
+    """The timm dataset of ``split`` (``NAME[START:STOP]`` taking a range of it), then its first ``first`` images."""
+    split, split_range = _split_range(args.dataset, split)
+    try:
+        dataset = timm.data.create_dataset(
+            args.dataset, root=args.data_dir, split=split, is_training=is_training, class_map=args.class_map,
+            download=args.dataset_download, seed=args.seed, input_img_mode='L' if args.in_chans == 1 else 'RGB')
+    except (AssertionError, RuntimeError, FileNotFoundError) as e:
+        raise ConfigError(f'cannot open {flag} {split!r} of --dataset {args.dataset!r} in {args.data_dir}: {e}') from None
     start, stop = 0, len(dataset)
     if split_range is not None:
         start, stop, _ = split_range.indices(len(dataset))
@@ -463,7 +454,7 @@ def _select(dataset, flag: str, split_range: Optional[slice], first: Optional[in
             raise ConfigError(f'{flag} selects no images: the split has {len(dataset)}')
     if first is not None:
         stop = min(stop, start + first)
-    return dataset if (start, stop) == (0, len(dataset)) else _ImageRange(dataset, start, stop)
+    return dataset if (start, stop) == (0, len(dataset)) else _ImageRange(dataset, range(start, stop))
 
 
 class _Stop:
@@ -505,10 +496,7 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
     # ---- data
     bank = None
     if mode == 'offline':
-        bank = _open_bank(args)
-        if bank.num_classes != model.num_classes:
-            raise ConfigError(f'the bank has {bank.num_classes} classes but --model {args.model} has '
-                              f'{model.num_classes}: set --num-classes {bank.num_classes}')
+        bank = _open_bank(args)  # the dataset checks the bank's classes against the model's
         if args.num_crops > bank.regions_per_image:
             raise ConfigError(f'--num-crops {args.num_crops} exceeds the bank\'s {bank.regions_per_image} '
                               f'regions per image')
@@ -525,9 +513,8 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
     optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args))
 
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    use_amp = args.amp
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else nullcontext
-    loss_scaler = NativeScaler(device=device.type) if use_amp and amp_dtype == torch.float16 else None
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext
+    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
 
     resume_epoch = None
     if args.resume:
@@ -550,11 +537,7 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
     updates_per_epoch = len(loader_train)
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
-    start_epoch = 0
-    if args.start_epoch is not None:
-        start_epoch = args.start_epoch
-    elif resume_epoch is not None:
-        start_epoch = resume_epoch
+    start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -631,9 +614,6 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
 def _create_train_loader(args, data_config, device, bank):
     interpolation = data_config['interpolation']
     if bank is not None:
-        from timm_ferkd.data.calibration import CalibrationConfig
-        from timm_ferkd.data.loader import create_region_loader
-        from timm_ferkd.data.mixing import create_selfmix
         if _split_range(args.dataset, args.train_split)[1] is not None:
             raise ConfigError(f'--train-split {args.train_split}: offline training uses the images its bank labels '
                               f'(generate --num-images N for the first N); pass the bank\'s split name')
@@ -656,40 +636,23 @@ def _create_train_loader(args, data_config, device, bank):
             mean=data_config['mean'], std=data_config['std'], selfmix=selfmix, seed=args.seed,
             crop_layout=args.crop_layout)
         return loader, None
-    split, split_range = _split_range(args.dataset, args.train_split)
-    try:
-        dataset = timm.data.create_dataset(
-            args.dataset, root=args.data_dir, split=split, is_training=True,
-            class_map=args.class_map, download=args.dataset_download, seed=args.seed,
-            input_img_mode='L' if args.in_chans == 1 else 'RGB')
-    except (AssertionError, RuntimeError, FileNotFoundError) as e:
-        raise ConfigError(f'cannot open --dataset {args.dataset!r} in {args.data_dir}: {e}') from None
-    dataset = _select(dataset, '--train-split', split_range, args.train_subset)
+    dataset = _image_dataset(args, '--train-split', args.train_split, args.train_subset, is_training=True)
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                          switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=args.num_classes)
-    train_interpolation = args.train_interpolation or interpolation
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
         no_aug=False, scale=args.scale, ratio=args.ratio, hflip=args.hflip, color_jitter=args.color_jitter or None,
-        interpolation=train_interpolation, mean=data_config['mean'], std=data_config['std'],
+        interpolation=args.train_interpolation or interpolation, mean=data_config['mean'], std=data_config['std'],
         num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
         use_prefetcher=True)
     return loader, mixup_fn
 
 
 def _create_eval_loader(args, data_config, device):
-    split, split_range = _split_range(args.dataset, args.val_split)
-    try:
-        dataset = timm.data.create_dataset(
-            args.dataset, root=args.data_dir, split=split, is_training=False,
-            class_map=args.class_map, download=args.dataset_download,
-            input_img_mode='L' if args.in_chans == 1 else 'RGB')
-    except (AssertionError, RuntimeError, FileNotFoundError) as e:
-        raise ConfigError(f'cannot open validation split {args.val_split!r} of --dataset {args.dataset!r}: {e}') from None
-    dataset = _select(dataset, '--val-split', split_range, args.val_subset)
+    dataset = _image_dataset(args, '--val-split', args.val_split, args.val_subset, is_training=False)
     return create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
         is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
@@ -713,7 +676,6 @@ def _loss_kwargs(args, name: str, flags) -> Dict[str, Any]:
 
 def _create_task(args, model, mode, device):
     """Every criterion comes from timm's ``create_classification_loss`` (register_with_timm() taught it ours)."""
-    from timm_ferkd.task import FerKDTask, create_task
     verbose = args.rank == 0
     if mode == 'plain':
         return ClassificationTask(model, criterion_kwargs=dict(
@@ -732,7 +694,6 @@ def _create_task(args, model, mode, device):
 
 def _create_teacher(args, student: nn.Module) -> nn.Module:
     """The online teacher, with the student's classes and input channels, loaded from --kd-checkpoint."""
-    from timm.models import load_checkpoint
     if ':' not in args.kd_model_name and not is_model(args.kd_model_name):
         raise ConfigError(f'unknown --kd-model-name {args.kd_model_name!r}; list names with timm.list_models()')
     try:
@@ -781,7 +742,6 @@ def _train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, los
         else:
             loss.backward()
             if args.clip_grad is not None:
-                from timm.utils import dispatch_clip_grad
                 dispatch_clip_grad(task.get_clip_parameters(), value=args.clip_grad, mode=args.clip_mode)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -816,11 +776,9 @@ def _train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, los
 
 def _save_recovery(saver: CheckpointSaver, epoch: int, batch_idx: int) -> None:
     """Write a recovery checkpoint that ``--resume`` restarts at the beginning of the interrupted epoch."""
-    import argparse as _argparse
     saver.save_recovery(epoch, batch_idx=batch_idx)
     path = saver.curr_recovery_file
-    with torch.serialization.safe_globals([_argparse.Namespace]):
-        state = torch.load(path, map_location='cpu', weights_only=True)
+    state = _load_state(path)
     # timm resumes at checkpoint epoch + 1; the interrupted epoch is incomplete, so redo it
     state['epoch'] = epoch - 1
     tmp = path + '.tmp'

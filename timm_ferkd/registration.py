@@ -57,10 +57,6 @@ def _original(func: Callable) -> Callable:
     return getattr(func, _MARK, func)
 
 
-def _normalize_loss_name(name: str) -> str:
-    return name.lower().replace('-', '_')
-
-
 def _wrap_create_dataset(original: Callable) -> Callable:
     signature = inspect.signature(original)
 
@@ -76,18 +72,22 @@ def _wrap_create_dataset(original: Callable) -> Callable:
     return create_dataset
 
 
+def _bind(signature: inspect.Signature, name: str, args: tuple, kwargs: dict) -> Tuple[dict, dict]:
+    """(timm's named arguments but ``name``, the extra keyword arguments) of a ``create_dataset`` call."""
+    try:
+        given = dict(signature.bind(name, *args, **kwargs).arguments)
+    except TypeError as e:
+        raise ConfigError(f'dataset {name!r}: {e}') from None
+    given.pop('name')
+    return given, dict(given.pop('kwargs', {}))
+
+
 def _create_ferkd_dataset(signature: inspect.Signature, name: str, args: tuple, kwargs: dict):
     from timm_ferkd.data.dataset import create_region_dataset
     inner = name[len(FERKD_DATASET_PREFIX):]
     if inner.lower().startswith(FERKD_DATASET_PREFIX):
         raise ConfigError(f'dataset {name!r}: the {FERKD_DATASET_PREFIX!r} prefix cannot be nested')
-    try:
-        bound = signature.bind(name, *args, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f'dataset {name!r}: {e}') from None
-    given = dict(bound.arguments)
-    extra = given.pop('kwargs', {})
-    given.pop('name')
+    given, extra = _bind(signature, name, args, kwargs)
     for key in _ITERABLE_ONLY_ARGS:
         given.pop(key, None)
     if given.pop('load_bytes', False):
@@ -104,12 +104,7 @@ def _create_ferkd_dataset(signature: inspect.Signature, name: str, args: tuple, 
 
 def _create_cluttered_dataset(signature: inspect.Signature, name: str, args: tuple, kwargs: dict):
     from timm_ferkd.data.cluttered import create_cluttered_dataset
-    try:
-        bound = signature.bind(name, *args, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f'dataset {name!r}: {e}') from None
-    given = {k: v for k, v in bound.arguments.items() if k not in ('name', 'kwargs')}
-    extra = dict(bound.arguments.get('kwargs', {}))
+    given, extra = _bind(signature, name, args, kwargs)
     if given.get('load_bytes'):
         raise ConfigError(f'dataset {name!r}: load_bytes is not supported, the images live in arrays')
     if given.get('class_map'):
@@ -121,13 +116,14 @@ def _create_cluttered_dataset(signature: inspect.Signature, name: str, args: tup
 
 
 def _wrap_create_classification_loss(original: Callable) -> Callable:
+    from timm.loss import _loss_factory
     signature = inspect.signature(original)
-    timm_types = set(_timm_loss_types())
+    timm_types = set(_loss_factory.LOSS_TYPES)
 
     @functools.wraps(original)
     def create_classification_loss(loss_type=None, *args, **kwargs):
         if not (isinstance(loss_type, str) and loss_type not in timm_types
-                and _normalize_loss_name(loss_type) in FERKD_LOSS_TYPES):
+                and loss_type.lower().replace('-', '_') in FERKD_LOSS_TYPES):
             return original(loss_type, *args, **kwargs)
         return _create_ferkd_loss(signature, loss_type, args, kwargs)
 
@@ -157,11 +153,6 @@ def _create_ferkd_loss(signature: inspect.Signature, loss_type: str, args: tuple
     return TimmCriterion(create_distill_loss(loss_type, **extra))
 
 
-def _timm_loss_types() -> Tuple[str, ...]:
-    from timm.loss import _loss_factory
-    return tuple(_loss_factory.LOSS_TYPES)
-
-
 def _targets() -> List[Tuple[str, Callable, Callable]]:
     """(key, original function, wrapper factory) of each patched timm factory."""
     import timm.data.dataset_factory
@@ -174,26 +165,20 @@ def _targets() -> List[Tuple[str, Callable, Callable]]:
     ]
 
 
-def _timm_modules() -> List[Any]:
-    return [m for n, m in list(sys.modules.items()) if m is not None and (n == 'timm' or n.startswith('timm.'))]
+def _rebind(old: Callable, new: Callable) -> None:
+    """Replace ``old`` by ``new`` wherever a loaded timm module binds it."""
+    for name, module in list(sys.modules.items()):
+        if module is not None and (name == 'timm' or name.startswith('timm.')):
+            for attr, value in list(vars(module).items()):
+                if value is old:
+                    setattr(module, attr, new)
 
 
-def _rebind(old: Callable, new: Callable) -> int:
-    count = 0
-    for module in _timm_modules():
-        for attr, value in list(vars(module).items()):
-            if value is old:
-                setattr(module, attr, new)
-                count += 1
-    return count
-
-
-def _dataset_wrapper() -> Callable:
-    import timm.data.dataset_factory
-    original = _original(timm.data.dataset_factory.create_dataset)
-    wrapper = _wrappers.get('create_dataset')
+def _wrapper(key: str, original: Callable, factory: Callable) -> Callable:
+    """The wrapper of ``original``, made once (again if timm's function was replaced since)."""
+    wrapper = _wrappers.get(key)
     if wrapper is None or _original(wrapper) is not original:
-        wrapper = _wrappers['create_dataset'] = _wrap_create_dataset(original)
+        wrapper = _wrappers[key] = factory(original)
     return wrapper
 
 
@@ -203,7 +188,9 @@ def create_dataset(name: str, *args: Any, **kwargs: Any) -> Any:
     Same arguments as timm's; ``ferkd-cluttered/...`` and ``ferkd/...`` names are handled here (see the
     module docstring), every other name goes to timm unchanged.
     """
-    return _dataset_wrapper()(name, *args, **kwargs)
+    import timm.data.dataset_factory
+    original = _original(timm.data.dataset_factory.create_dataset)
+    return _wrapper('create_dataset', original, _wrap_create_dataset)(name, *args, **kwargs)
 
 
 def register_with_timm() -> None:
@@ -214,10 +201,7 @@ def register_with_timm() -> None:
     ``'dtd'``, ``'fnkd'``) a distillation loss; all of timm's own names behave exactly as before.
     """
     for key, original, factory in _targets():
-        wrapper = _wrappers.get(key)
-        if wrapper is None or _original(wrapper) is not original:
-            wrapper = _wrappers[key] = factory(original)
-        _rebind(original, wrapper)
+        _rebind(original, _wrapper(key, original, factory))
 
 
 def unregister_from_timm() -> None:

@@ -76,14 +76,10 @@ def plot_runs(runs: Sequence[Run], output: os.PathLike, x: str = 'epoch', title:
             offline runs replay several crops per decoded image).
         title: Figure title.
     """
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError('plotting needs matplotlib: pip install "timm-ferkd[plot]"') from None
+    from timm_ferkd.bank.summary import pyplot
     if x not in ('epoch', 'crops'):
         raise ConfigError(f'--x {x!r} must be epoch or crops')
+    plt = pyplot()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
         epochs = [e + 1 for e in run.metrics.get('epoch', [])]

@@ -1,17 +1,9 @@
-"""Training tasks (timm ``TrainingTask``) for offline and online distillation.
+"""Training tasks (timm ``TrainingTask``) for offline (:class:`FerKDTask`) and online (:class:`OnlineDistillTask`)
+distillation, and :func:`create_task`, which picks one of them or timm's ``LogitDistillationTask``.
 
-* :class:`FerKDTask`: no teacher in the loop; the target carries stored (adapted) region
-  labels. Works with any loss of :mod:`timm_ferkd.losses`.
-* :class:`OnlineDistillTask`: a frozen teacher (timm's ``DistillationTeacher``) runs in the
-  loop and feeds its logits (and features) to the same loss modules: FNKD, DTD, or KD with
-  probability shift.
-* :func:`create_task`: picks one of the above, or timm's own ``LogitDistillationTask`` for plain
-  online Hinton KD.
-
-Student side, shared by both tasks: when the loss needs pre-logit features the student is
-wrapped in :class:`StudentFeatureModule` so that DDP wraps the whole trainable forward, while
-``get_eval_model`` still returns the bare student so checkpoints load straight into
-``timm.create_model(name)``.
+A loss that needs pre-logit features gets the student wrapped in :class:`StudentFeatureModule`, so that DDP
+wraps the whole trainable forward, while ``get_eval_model`` still returns the bare student (checkpoints load
+straight into ``timm.create_model(name)``).
 """
 import logging
 from typing import Any, Dict, Optional, Tuple, Union
@@ -75,11 +67,8 @@ class StudentFeatureModule(FeatureDistillationTrainableModule):
     ``z = W f + b`` exactly, as FNKD assumes. ``no_weight_decay`` and ``group_matcher`` are timm's.
 
     Args:
-        student: A timm model (``forward_features``, ``forward_head``, ``get_classifier``).
+        student_model: A timm model (``forward_features``, ``forward_head``, ``get_classifier``).
     """
-
-    def __init__(self, student: nn.Module):
-        super().__init__(student)
 
     def forward(self, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Forward the student.
@@ -134,30 +123,18 @@ class _StudentDistillTask(TrainingTask):
         Returns:
             The compiled eval model (the bare student).
         """
-        if isinstance(self.trainable_module, StudentFeatureModule):
-            self.eval_model = torch.compile(self.trainable_module.student, backend=backend, mode=mode, **compile_kwargs)
-            self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
-        else:
-            # Without the feature wrapper training and eval share the same forward.
-            self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
-            self.eval_model = self.trainable_module
+        student = self.trainable_module.student if self.needs_features else None
+        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
+        # without the feature wrapper training and eval share the same forward
+        self.eval_model = self.trainable_module if student is None else torch.compile(
+            student, backend=backend, mode=mode, **compile_kwargs)
         return self.eval_model
 
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
         """The bare student (through DDP, EMA and compile wrappers of the feature wrapper)."""
         resolved = super().get_eval_model(module=module, ema=ema)
-        current = resolved
-        while current is not None:
-            if isinstance(current, StudentFeatureModule):
-                return current.student
-            # DDP and ModelEmaV3 keep the wrapped module in .module, torch.compile in ._orig_mod.
-            inner = getattr(current, 'module', None)
-            if not isinstance(inner, nn.Module):
-                inner = getattr(current, '_orig_mod', None)
-            if not isinstance(inner, nn.Module):
-                break
-            current = inner
-        return resolved
+        inner = None if resolved is None else unwrap_model(resolved)
+        return inner.student if isinstance(inner, StudentFeatureModule) else resolved
 
 
 class FerKDTask(_StudentDistillTask):

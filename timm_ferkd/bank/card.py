@@ -6,23 +6,24 @@ from timm_ferkd.bank.format import EXPLICIT_SAMPLER, BankManifest
 __all__ = ['CARD_TAGS', 'bank_card', 'size_category', 'format_bytes']
 
 CARD_TAGS = ('knowledge-distillation', 'timm', 'timm-ferkd', 'soft-labels')
+# the Hub's size_categories, bucket i holding fewer than 10 ** (i + 3) images
+_SIZE_CATEGORIES = ('n<1K', '1K<n<10K', '10K<n<100K', '100K<n<1M', '1M<n<10M', '10M<n<100M', '100M<n<1B',
+                    '1B<n<10B', '10B<n<100B', '100B<n<1T')
 
 
 def size_category(num_images: int) -> str:
     """The Hub's ``size_categories`` bucket for a number of labelled images."""
-    bounds = ((1_000, 'n<1K'), (10_000, '1K<n<10K'), (100_000, '10K<n<100K'), (1_000_000, '100K<n<1M'),
-              (10_000_000, '1M<n<10M'), (100_000_000, '10M<n<100M'), (1_000_000_000, '100M<n<1B'))
-    for bound, name in bounds:
-        if num_images < bound:
+    for exponent, name in enumerate(_SIZE_CATEGORIES, start=3):
+        if num_images < 10 ** exponent:
             return name
-    return 'n>1T' if num_images >= 10 ** 12 else '1B<n<10B' if num_images < 10 ** 10 else '10B<n<100B'
+    return 'n>1T'
 
 
 def format_bytes(num_bytes: float) -> str:
     """Human size in decimal units ('12.3 MB')."""
-    for unit in ('B', 'kB', 'MB', 'GB', 'TB'):
-        if abs(num_bytes) < 1000 or unit == 'TB':
-            return f'{num_bytes:.0f} {unit}' if unit == 'B' else f'{num_bytes:.1f} {unit}'
+    for unit in ('B', 'kB', 'MB', 'GB'):
+        if abs(num_bytes) < 1000:
+            return f'{num_bytes:.0f} B' if unit == 'B' else f'{num_bytes:.1f} {unit}'
         num_bytes /= 1000
     return f'{num_bytes:.1f} TB'
 
@@ -83,12 +84,12 @@ def bank_card(
         size=format_bytes(size),
         bank_format_version=m.format_version,
     )
+    teacher = m.teacher
     boxes = ('stored per region (imported labels)' if m.sampler == EXPLICIT_SAMPLER else
              f're-derived from seed {m.seed} (sampler {m.sampler} v{m.sampler_version}), '
              f'scale {tuple(m.scale)}, ratio {tuple(round(r, 4) for r in m.ratio)}')
-    teacher = m.teacher
     body = f"""
-# {m.teacher.model} region soft labels for {dataset_name} [{dataset.split}]
+# {teacher.model} region soft labels for {dataset_name} [{dataset.split}]
 
 A `timm-ferkd` soft-label bank for fast offline knowledge distillation (FKD / FerKD):
 for each of the {m.num_images:,} images of `{dataset_name}` (split `{dataset.split}`), {m.regions_per_image} random

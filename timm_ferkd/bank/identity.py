@@ -2,6 +2,7 @@
 import hashlib
 import json
 import logging
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -19,7 +20,6 @@ def _sample_paths(dataset: Any) -> Optional[list]:
     if reader is not None and hasattr(reader, 'samples') and hasattr(reader, 'filename'):
         return [str(reader.filename(i)) for i in range(len(reader))]
     if hasattr(dataset, 'samples') and hasattr(dataset, 'root'):  # torchvision ImageFolder
-        import os
         return [os.path.relpath(p, dataset.root) for p, _ in dataset.samples]
     return None
 

@@ -35,8 +35,8 @@ def _expected_shapes(manifest: BankManifest, num_images: int) -> Dict[str, Tuple
         dtype = {'uint8': 'U8', 'uint16': 'U16', 'int32': 'I32'}[manifest.index_dtype]
         shapes['topk_indices'] = ((num_images, r, k), dtype)
     if manifest.sampler == EXPLICIT_SAMPLER:
-        shapes['boxes'] = ((num_images, manifest.regions_per_image, 4), 'F32')
-        shapes['flips'] = ((num_images, manifest.regions_per_image), 'U8')
+        shapes['boxes'] = ((num_images, r, 4), 'F32')
+        shapes['flips'] = ((num_images, r), 'U8')
     return shapes
 
 
@@ -188,10 +188,13 @@ class SoftLabelBank:
     def max_probs(self, image_index: int) -> np.ndarray:
         """float32 [R]: each region's max teacher probability (FerKD's confidence m)."""
         shard, i = self._locate(image_index)
-        values = shard.arrays['topk_values'][i]
+        return self._max_probs(shard.arrays['topk_values'][i])
+
+    def _max_probs(self, values: np.ndarray) -> np.ndarray:
+        # stored values are sorted descending except for 'full', which keeps class order
         if self.manifest.label_type == 'full':
-            return values.max(axis=1).astype(np.float32)
-        return decode_values(values[:, :1])[:, 0] if self._codes else values[:, 0].astype(np.float32)
+            return values.max(axis=-1).astype(np.float32)
+        return decode_values(values[..., :1])[..., 0] if self._codes else values[..., 0].astype(np.float32)
 
     def labels(
             self,
@@ -290,14 +293,8 @@ class SoftLabelBank:
 
     def all_max_probs(self) -> np.ndarray:
         """float32 [num_images, R]: max probability of every region (reads the value arrays once)."""
-        out = []
-        for s in range(self.manifest.num_shards):
-            values = self._shard(s).arrays['topk_values']
-            if self.manifest.label_type == 'full':
-                out.append(values.max(axis=2))
-            else:
-                out.append(decode_values(values[:, :, :1])[:, :, 0] if self._codes else values[:, :, 0])
-        max_probs = np.concatenate(out).astype(np.float32)
+        max_probs = np.concatenate(
+            [self._max_probs(self._shard(s).arrays['topk_values']) for s in range(self.manifest.num_shards)])
         bad = ~((max_probs >= 0) & (max_probs <= 1))  # NaN fails both comparisons
         if bad.any():
             image, region = (int(v[0]) for v in np.nonzero(bad))

@@ -6,7 +6,20 @@ import numpy as np
 
 from timm_ferkd.bank.reader import SoftLabelBank
 
-__all__ = ['summarize_bank', 'plot_max_prob_histogram']
+from timm_ferkd.errors import ConfigError
+
+__all__ = ['summarize_bank', 'plot_max_prob_histogram', 'pyplot']
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend; ``ConfigError`` naming the extra when it is missing."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError('plotting needs matplotlib: pip install "timm-ferkd[plot]"') from None
+    return plt
 
 
 def summarize_bank(bank: SoftLabelBank, bins: int = 20) -> Dict[str, Any]:
@@ -56,13 +69,7 @@ def summarize_bank(bank: SoftLabelBank, bins: int = 20) -> Dict[str, Any]:
 
 def plot_max_prob_histogram(summary: Dict[str, Any], output: os.PathLike, title: Optional[str] = None) -> None:
     """Write the max-probability histogram as a PNG (needs matplotlib: ``pip install timm-ferkd[plot]``)."""
-    from timm_ferkd.errors import ConfigError
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError('--plot needs matplotlib: pip install "timm-ferkd[plot]"') from None
+    plt = pyplot()
     hist = summary['max_prob_histogram']
     edges, counts = np.asarray(hist['edges']), np.asarray(hist['counts'])
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -647,14 +647,9 @@ def plot_cluttered_samples(
     Each region is labelled with the fraction of the object box it covers, to show how often small
     crops miss the object. Needs matplotlib (``pip install "timm-ferkd[plot]"``).
     """
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
-    except ImportError:
-        raise ConfigError('--plot needs matplotlib: pip install "timm-ferkd[plot]"') from None
     from timm_ferkd.bank.regions import RegionSampler
+    from timm_ferkd.bank.summary import pyplot
+    plt = pyplot()
     sampler = RegionSampler(seed=crop_seed)
     cols = min(4, len(indices))
     rows = -(-len(indices) // cols)
@@ -663,13 +658,13 @@ def plot_cluttered_samples(
     for ax, i in zip(axes.flat, indices):
         ax.imshow(np.asarray(dataset.data[i]), cmap='gray', vmin=0, vmax=255, interpolation='nearest')
         t, l, h, w = (int(v) for v in dataset.boxes[i])
-        ax.add_patch(Rectangle((l - 0.5, t - 0.5), w, h, fill=False, edgecolor='lime', linewidth=1.5))
+        ax.add_patch(plt.Rectangle((l - 0.5, t - 0.5), w, h, fill=False, edgecolor='lime', linewidth=1.5))
         for box in sampler.sample(int(i), (c, c), range(crops_per_image)).boxes:
             bt, bl, bh, bw = (int(v) for v in box)
             ih = max(0, min(bt + bh, t + h) - max(bt, t))
             iw = max(0, min(bl + bw, l + w) - max(bl, l))
-            ax.add_patch(Rectangle((bl - 0.5, bt - 0.5), bw, bh, fill=False, edgecolor='orange', linewidth=1,
-                                   linestyle='--'))
+            ax.add_patch(plt.Rectangle((bl - 0.5, bt - 0.5), bw, bh, fill=False, edgecolor='orange', linewidth=1,
+                                       linestyle='--'))
             ax.text(bl, bt + bh - 1, f'{ih * iw / (h * w):.0%}', color='orange', fontsize=7, va='bottom')
         ax.set_title(f'{i}: {dataset.classes[int(dataset.targets[i])]}', fontsize=9)
         ax.set_xticks([])

@@ -67,22 +67,18 @@ def resolve_input_size(
     if input_size is None:
         input_size = 224
     if isinstance(input_size, int):
-        size = (input_size, input_size)
-        chans = in_chans
-    else:
-        input_size = tuple(int(v) for v in input_size)
-        if len(input_size) == 2:
-            size, chans = input_size, in_chans
-        elif len(input_size) == 3:
-            size, chans = input_size[1:], input_size[0]
-            if in_chans is not None and in_chans != chans:
-                raise ConfigError(f'input_size {input_size} has {chans} channels but in_chans is {in_chans}')
-        else:
-            raise ConfigError(f'input_size {input_size} must be an int, (H, W) or (C, H, W)')
-    chans = default_chans if chans is None else int(chans)
-    if min(size) < 1:
-        raise ConfigError(f'input_size {tuple(size)} must be positive')
-    return chans, int(size[0]), int(size[1])
+        input_size = (input_size, input_size)
+    input_size = tuple(int(v) for v in input_size)
+    if len(input_size) not in (2, 3):
+        raise ConfigError(f'input_size {input_size} must be an int, (H, W) or (C, H, W)')
+    if len(input_size) == 3:
+        if in_chans is not None and in_chans != input_size[0]:
+            raise ConfigError(f'input_size {input_size} has {input_size[0]} channels but in_chans is {in_chans}')
+        in_chans = input_size[0]
+    height, width = input_size[-2:]
+    if min(height, width) < 1:
+        raise ConfigError(f'input_size {(height, width)} must be positive')
+    return default_chans if in_chans is None else int(in_chans), height, width
 
 
 def _image_name(source: ImageSource, index: int) -> Optional[str]:
@@ -228,11 +224,8 @@ class RegionDataset(Dataset):
         """Number of regions per category over the bank (soft, hard, discarded)."""
         if self.categories is None:
             return {'soft': self.num_images * self.bank.regions_per_image, 'hard': 0, 'discard': 0}
-        return {
-            'soft': int((self.categories == CATEGORY_SOFT).sum()),
-            'hard': int((self.categories == CATEGORY_HARD).sum()),
-            'discard': int((self.categories == CATEGORY_DISCARD).sum()),
-        }
+        names = (('soft', CATEGORY_SOFT), ('hard', CATEGORY_HARD), ('discard', CATEGORY_DISCARD))
+        return {name: int((self.categories == value).sum()) for name, value in names}
 
     def _rng(self, index: int, epoch: int, stream: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, epoch, index, stream))
@@ -384,16 +377,15 @@ def create_region_dataset(
     Returns:
         The dataset.
     """
-    if not isinstance(num_crops, int) or num_crops < 1:
-        raise ConfigError(f'num_crops={num_crops!r} must be an integer >= 1')
     if soft_labels is None:
         raise ConfigError('soft_labels is required: a bank directory, a SoftLabelBank or an hf-hub:ORG/NAME name')
     bank = soft_labels if isinstance(soft_labels, SoftLabelBank) else open_bank(soft_labels)
     if in_chans is None and not (isinstance(input_size, (tuple, list)) and len(input_size) == 3):
         in_chans = bank.manifest.teacher.input_size[0]
-    chans, height, width = resolve_input_size(input_size, in_chans)
-    source = create_image_source(name, root, split, image_mode=image_mode_for_chans(chans), download=download, **kwargs)
+    input_size = resolve_input_size(input_size, in_chans)
+    source = create_image_source(
+        name, root, split, image_mode=image_mode_for_chans(input_size[0]), download=download, **kwargs)
     return RegionDataset(
-        source, bank, num_crops=num_crops, input_size=(chans, height, width), interpolation=interpolation,
+        source, bank, num_crops=num_crops, input_size=input_size, interpolation=interpolation,
         calibration=calibration, prob_shift=prob_shift, label_temperature=label_temperature,
         color_jitter=color_jitter, seed=seed, num_classes=num_classes)

@@ -35,10 +35,11 @@ MIX_METHODS = ('mixup', 'cutmix', 'switch')
 LAM_MODES = ('batch', 'pair', 'elem')
 
 
-class _SoftLabelMix:
-    """Shared machinery: parameter checks, random draws, pixel and label mixing.
+class SelfMix:
+    """FerKD's SelfMix: Mixup/CutMix between crops of the same image (see the module docstring).
 
     Args:
+        num_crops: Crops per image; the batch holds ``B / num_crops`` images, image-major. >= 2.
         mixup_alpha: Beta alpha of Mixup (0 disables Mixup).
         cutmix_alpha: Beta alpha of CutMix (0 disables CutMix).
         prob: Probability of mixing a batch (``'batch'``) or a crop (``'pair'``/``'elem'``).
@@ -51,6 +52,7 @@ class _SoftLabelMix:
 
     def __init__(
             self,
+            num_crops: int,
             mixup_alpha: float = 1.0,
             cutmix_alpha: float = 0.0,
             prob: float = 1.0,
@@ -60,6 +62,8 @@ class _SoftLabelMix:
             seed: int = 0,
             rank: int = 0,
     ):
+        if not isinstance(num_crops, int) or num_crops < 2:
+            raise ConfigError(f'SelfMix mixes crops of the same image and needs num_crops >= 2, got {num_crops!r}')
         if mode not in LAM_MODES:
             raise ConfigError(
                 f'mixing mode {mode!r} is the lam granularity, one of {", ".join(LAM_MODES)}; choose Mixup or '
@@ -83,6 +87,7 @@ class _SoftLabelMix:
         if not all(a > 0 for a in needed):
             raise ConfigError(f'mixing method {method!r} needs its alpha(s) > 0 (mixup_alpha={mixup_alpha}, '
                               f'cutmix_alpha={cutmix_alpha})')
+        self.num_crops = num_crops
         self.mixup_alpha = float(mixup_alpha)
         self.cutmix_alpha = float(cutmix_alpha)
         self.prob = float(prob)
@@ -103,15 +108,21 @@ class _SoftLabelMix:
         self.rng = np.random.default_rng((self.seed, self.epoch, self.rank))
 
     def _partner(self, batch_size: int) -> np.ndarray:
-        raise NotImplementedError
+        k = self.num_crops
+        if batch_size % k:
+            raise ConfigError(f'SelfMix got {batch_size} crops, not a multiple of num_crops={k}')
+        groups = batch_size // k
+        # a non-zero rotation of each group is a derangement: every crop gets another crop of its image
+        shift = self.rng.integers(1, k, size=groups)
+        j = np.arange(k)
+        return ((j[None, :] + shift[:, None]) % k + (np.arange(groups) * k)[:, None]).reshape(-1)
 
     def _draw(self, n: int, height: int, width: int) -> Tuple[np.ndarray, ...]:
         """Per-row (applied, use_cutmix, lam, box top, bottom, left, right), one draw per batch or per row."""
         rng = self.rng
-        groups = self.lam_groups if self.mode == 'batch' else n
-        if n % groups:
-            raise ConfigError(f'{type(self).__name__} got {n} crops, not a multiple of lam_groups={groups}')
-        draws = groups
+        draws = self.lam_groups if self.mode == 'batch' else n
+        if n % draws:
+            raise ConfigError(f'SelfMix got {n} crops, not a multiple of lam_groups={draws}')
         applied = rng.random(draws) < self.prob
         if self.method == 'switch':
             use_cutmix = rng.random(draws) < self.switch_prob
@@ -132,7 +143,7 @@ class _SoftLabelMix:
         lam = np.where(applied, lam, 1.0)
         out = (applied, use_cutmix & applied, lam, top, bottom, left, right)
         if draws != n:
-            # 'batch' mode: row r belongs to step r % groups (one step, or crop j of a spread window)
+            # 'batch' mode: row r belongs to step r % draws (one step, or crop j of a spread window)
             step = np.arange(n) % draws
             out = tuple(v[step] for v in out)
         return out
@@ -189,32 +200,6 @@ class _SoftLabelMix:
         return (f'{type(self).__name__}(method={self.method!r}, mixup_alpha={self.mixup_alpha}, '
                 f'cutmix_alpha={self.cutmix_alpha}, prob={self.prob}, switch_prob={self.switch_prob}, '
                 f'mode={self.mode!r})')
-
-
-class SelfMix(_SoftLabelMix):
-    """FerKD's SelfMix: Mixup/CutMix between crops of the same image (see the module docstring).
-
-    Args:
-        num_crops: Crops per image; the batch holds ``B / num_crops`` images, image-major. >= 2.
-        **kwargs: Mixing parameters (``mixup_alpha``, ``cutmix_alpha``, ``prob``, ``switch_prob``,
-            ``mode``, ``method``, ``seed``, ``rank``).
-    """
-
-    def __init__(self, num_crops: int, **kwargs):
-        if not isinstance(num_crops, int) or num_crops < 2:
-            raise ConfigError(f'SelfMix mixes crops of the same image and needs num_crops >= 2, got {num_crops!r}')
-        self.num_crops = num_crops
-        super().__init__(**kwargs)
-
-    def _partner(self, batch_size: int) -> np.ndarray:
-        k = self.num_crops
-        if batch_size % k:
-            raise ConfigError(f'SelfMix got {batch_size} crops, not a multiple of num_crops={k}')
-        groups = batch_size // k
-        # a non-zero rotation of each group is a derangement: every crop gets another crop of its image
-        shift = self.rng.integers(1, k, size=groups)
-        j = np.arange(k)
-        return ((j[None, :] + shift[:, None]) % k + (np.arange(groups) * k)[:, None]).reshape(-1)
 
 
 def create_selfmix(

@@ -14,6 +14,7 @@ import numpy as np
 
 from timm_ferkd.bank.identity import check_bank_matches
 from timm_ferkd.bank.reader import SoftLabelBank
+from timm_ferkd.bank.summary import pyplot
 from timm_ferkd.data.calibration import (
     CATEGORY_DISCARD, CATEGORY_HARD, CATEGORY_SOFT, CalibrationConfig, CalibrationThresholds, FerKDCalibration)
 from timm_ferkd.data.source import ImageSource
@@ -128,13 +129,7 @@ def plot_region_gallery(
     Returns:
         The regions drawn.
     """
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
-    except ImportError:
-        raise ConfigError('--plot needs matplotlib: pip install "timm-ferkd[plot]"') from None
+    plt = pyplot()
     check_bank_matches(bank.manifest, source.identity)
     gallery = select_gallery_regions(bank, calibration, per_category, seed=seed)
     if class_names is None:
@@ -169,7 +164,7 @@ def plot_region_gallery(
             ax.imshow(pixels, cmap='gray' if pixels.ndim == 2 else None, vmin=0, vmax=255, interpolation='nearest')
             t, l, h, w = r.box
             color = 'red' if category == CATEGORY_DISCARD else ('orange' if category == CATEGORY_HARD else 'lime')
-            ax.add_patch(Rectangle((l - 0.5, t - 0.5), w, h, fill=False, edgecolor=color, linewidth=1.5))
+            ax.add_patch(plt.Rectangle((l - 0.5, t - 0.5), w, h, fill=False, edgecolor=color, linewidth=1.5))
             ax.set_title(f'm={r.max_prob:.2f} {name(r.predicted)}\nGT {name(r.target)}', fontsize=7)
     m = bank.manifest
     fig.suptitle(f'{m.teacher.model} on {m.dataset.name or "(folder)"} [{m.dataset.split}]: '

@@ -1,5 +1,6 @@
 """Untransformed access to any timm dataset: decoded images in a fixed colour mode, plus identity."""
 import os
+from functools import cached_property
 from typing import Any, Optional, Sequence, Tuple
 
 from PIL import Image
@@ -49,7 +50,6 @@ class ImageSource:
             dataset.transform = None
         if hasattr(dataset, 'target_transform'):
             dataset.target_transform = None
-        self._identity: Optional[DatasetIdentity] = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -63,12 +63,10 @@ class ImageSource:
             image = image.convert(self.image_mode)
         return image, int(target)
 
-    @property
+    @cached_property
     def identity(self) -> DatasetIdentity:
         """Identity (size and fingerprint) of the split, computed once."""
-        if self._identity is None:
-            self._identity = dataset_identity(self.dataset, self.name, self.split)
-        return self._identity
+        return dataset_identity(self.dataset, self.name, self.split)
 
 
 def create_image_source(

@@ -13,27 +13,7 @@ from PIL import Image, ImageEnhance
 
 from timm_ferkd.errors import ConfigError
 
-__all__ = ['RegionPostTransform', 'pil_to_uint8_tensor']
-
-
-def pil_to_uint8_tensor(image: Image.Image, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """uint8 [C, H, W] tensor of a PIL image ('L' gives C = 1), without scaling.
-
-    Args:
-        image: The image.
-        out: Optional uint8 [C, H, W] tensor to write into (saves a copy when stacking crops).
-
-    Returns:
-        The tensor (``out`` when given).
-    """
-    array = np.asarray(image, dtype=np.uint8)  # read-only view of a copy of PIL's buffer
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    if out is not None:
-        # numpy does the strided HWC -> CHW copy straight into the tensor's memory
-        np.copyto(out.numpy(), array)
-        return out
-    # the C-ordered copy is the one copy we need, and it is writable
-    return torch.from_numpy(array.copy())
+__all__ = ['RegionPostTransform']
 
 
 class RegionPostTransform:
@@ -54,22 +34,25 @@ class RegionPostTransform:
     def __call__(
             self,
             image: Image.Image,
-            rng: Optional[np.random.Generator] = None,
-            out: Optional[torch.Tensor] = None,
+            rng: Optional[np.random.Generator],
+            out: torch.Tensor,
     ) -> torch.Tensor:
-        """Transform one region.
+        """Transform one region into ``out``.
 
         Args:
             image: The replayed region.
             rng: Source of the jitter factors (required when jitter is on).
-            out: Optional uint8 [C, H, W] tensor to write into.
+            out: uint8 [C, H, W] tensor to write into ('L' images have C = 1), e.g. a row of the item's crops.
 
         Returns:
-            uint8 [C, H, W].
+            ``out``.
         """
         if self.color_jitter > 0:
             image = self._jitter(image, rng)
-        return pil_to_uint8_tensor(image, out)
+        array = np.asarray(image, dtype=np.uint8)
+        # numpy does the strided HWC -> CHW copy straight into the tensor's memory
+        np.copyto(out.numpy(), array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+        return out
 
     def _jitter(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
         s = self.color_jitter
