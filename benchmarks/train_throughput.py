@@ -381,8 +381,10 @@ def report(pair: Pair, rates: Dict[str, float], t: float, s: float, num_crops: i
     fraction = ours / online / bound
     mean = statistics.fmean(ratios)
     spread = (max(ratios) - min(ratios)) / mean
+    std = statistics.stdev(ratios) / mean if len(ratios) > 1 else float('nan')
     print(f'ours/plain per repeat: {", ".join(f"{r:.3f}" for r in ratios)}; mean {mean:.3f}, '
-          f'spread (max - min) / mean = {spread:.1%}')
+          f'spread (max - min) / mean = {spread:.1%}, std / mean = {std:.1%}, '
+          f'standard error / mean = {std / len(ratios) ** 0.5:.1%}')
     print(f'ours/plain = {mean:.2f} (goal >= 1.0: {verdict(mean >= 1.0)}); '
           f'ours/online = {ours / online:.2f} = {fraction:.2f} x bound {bound:.2f} '
           f'(goal >= 0.9 x bound: {verdict(fraction >= 0.9)})', flush=True)
