@@ -1,29 +1,12 @@
 """Distillation objectives: FKD soft CE, FerKD, KD, DTD, FNKD and probability shift.
 
-Every loss module shares one call convention so that a task can drive any of them:
+Every loss takes ``(logits, target, features=None, teacher_logits=None, teacher_features=None)``, with
+``target`` the pipeline's dict (see :func:`make_target`), and returns a dict of ``'loss'`` and named
+components for logging; the attributes of :class:`DistillLoss` tell a task what to compute first.
 
-```python
-out = loss(logits, target, features=None, teacher_logits=None, teacher_features=None)
-out['loss'].backward()
-```
-
-``target`` is the dict produced by the region-replay pipeline:
-
-* ``'soft'``: float [B, C], dense target, rows sum to 1 (the stored, adapted region label),
-* ``'label'``: long [B], ground-truth class,
-* ``'weight'``: float [B], 1 normally, 0 for a crop that must not contribute.
-
-The returned dict holds ``'loss'`` (the scalar to back-propagate) and named scalar components
-for logging. Class attributes tell a task what to compute before calling the loss:
-
-* ``needs_features``: the student's pre-logit features (``forward_head(pre_logits=True)``),
-* ``needs_teacher``: teacher logits from a teacher running in the loop (``online=True``),
-* ``needs_teacher_features``: the teacher's pre-logit features as well.
-
-Reductions: FKD's soft CE averages over the batch (its reference code divides by B). Every
-other loss averages over the sum of crop weights, so a discarded crop neither contributes nor
-dilutes the mean. Under DDP each rank averages its own crops and DDP averages the gradients
-over ranks, which equals the global weighted mean only when every rank has the same weight sum.
+Reductions: FKD's soft CE averages over the batch (its reference code divides by B); every other loss
+averages over the sum of crop weights, so a discarded crop neither contributes nor dilutes the mean.
+Under DDP that equals the global weighted mean only when every rank has the same weight sum.
 """
 from typing import Dict, Optional, Tuple, Union
 

@@ -1,38 +1,15 @@
 """Multi-crop region loader: workers decode and replay, the device normalises, mixes and regroups.
 
-Each worker decodes an image once and cuts ``num_crops`` (K) crops of it. How those crops become
-optimizer steps is the *crop layout*:
+Each worker decodes an image once and cuts ``num_crops`` (K) crops of it; the *crop layout* makes steps
+of them. ``'spread'`` (default) loads a window of B images, mixes within images, and regroups it into K
+steps, step j holding crop j of every image: B distinct images per step (the gradient and BatchNorm
+statistics of plain training) with decoding still amortised over K crops. ``'image'`` makes FKD's
+image-major steps of B / K images x K crops. Workers send uint8 crops (4x less to pin and copy than
+float32), normalised on the device like timm's ``PrefetchLoader``.
 
-* ``'spread'`` (default): a window of B images (B = ``batch_size``) is loaded at once, SelfMix mixes
-  crops within each image of the window, and the window is regrouped into K steps: step j holds
-  crop j of every image of the window. Every step holds B crops of B *different* images (the
-  gradient and BatchNorm statistics of plain training), while decoding is still amortised over K
-  crops. The FKD reference reaches the same end with single-crop epochs at the end of its schedule.
-* ``'image'``: a step holds B / K images x K crops, image-major (the FKD reference's multi-crop
-  batches: the crops of one image are neighbouring rows).
-
-Workers send uint8 crops (4x less to pin and copy than float32); the prefetcher moves them to the
-device on a side stream (CUDA) and converts and normalises them there, like timm's ``PrefetchLoader``.
-
-Each iteration yields ``(input, target)``:
-
-* ``input``: float [B, C, H, W] (``img_dtype``), normalised with ``mean`` / ``std``,
-* ``target``: dict of tensors on the device:
-
-  - ``'soft'``: float32 [B, num_classes], rows sum to 1 (adapted and, with SelfMix, mixed labels),
-  - ``'label'``: long [B], ground-truth class of the crop's image,
-  - ``'weight'``: float32 [B], ones (discarded regions are never sampled, so no crop is masked),
-  - ``'category'``: int8 [B], ``CATEGORY_SOFT`` (0) or ``CATEGORY_HARD`` (1),
-  - ``'image'``: long [B], index of the crop's image in the dataset,
-  - ``'region'``: long [B], the replayed region's index in the bank,
-  - with mixing: ``'lam'`` float32 [B] and ``'partner_region'`` long [B], the bank region of the
-    same image whose crop was mixed in (the crop's own region when it was not mixed).
-
-Determinism: image order comes from the sampler (seed, epoch), regions and jitter from the
-dataset (seed, epoch, image) and mixing from (seed, epoch, rank), so ``set_epoch(e)`` replays epoch
-``e`` exactly, for any number of workers and after a resume. One pass over the data is one *image*
-epoch: every image decoded once, ``num_crops`` crops each (FKD's reference code counts it as
-``num_crops`` epochs); it has ``num_crops`` times as many steps as a plain epoch of the same batch size.
+One pass is one *image* epoch (every image decoded once; FKD's code counts it as K epochs), with K times
+the steps of a plain epoch. ``set_epoch(e)`` replays epoch ``e`` exactly, for any number of workers and
+after a resume: order, regions, jitter and mixing are keyed by the seed and the epoch.
 """
 import logging
 from contextlib import suppress
@@ -103,7 +80,12 @@ def _adapt_to_chans(values: Sequence[float], chans: int, name: str) -> Tuple[flo
 
 
 class RegionLoader:
-    """Iterable over device-ready multi-crop steps (see the module docstring for the format).
+    """Iterable over device-ready multi-crop steps ``(input, target)``.
+
+    ``input`` is float [B, C, H, W] (``img_dtype``), normalised; ``target`` holds the dataset's per-crop
+    tensors (see :class:`~timm_ferkd.data.dataset.RegionDataset`) plus ``'weight'`` (float32 [B], ones:
+    discarded regions are never sampled) and, with mixing, ``'lam'`` (float32 [B]) and ``'partner_region'``
+    (long [B], the bank region mixed in; the crop's own when it was not mixed).
 
     Args:
         loader: The DataLoader over a :class:`RegionDataset` with an :class:`EpochKeySampler`; one of its
