@@ -10,10 +10,8 @@ A timm ``train.py``-style script. The supervision is chosen by the flags:
   (Hinton KD through timm's ``LogitDistillationTask``, or FNKD / DTD / probability shift).
 * neither: plain supervised training, as timm's ``train.py``.
 
-Epochs: one epoch decodes every training image once. With ``--num-crops K`` that is K crops per image
-(K x N crops in all, K times the steps of a plain epoch at the same ``-b``); the FKD reference code counts
-the same pass as K epochs. Offline steps hold ``-b`` crops of ``-b`` different images (``--crop-layout
-spread``), and the LR schedule, warmup and EMA warmup advance per optimizer update.
+One epoch decodes every training image once (with ``--num-crops K``: K crops each, K times the steps
+of a plain epoch); offline, the LR schedule, warmup and EMA warmup advance per optimizer update.
 
 Launch with ``torchrun --nproc_per_node=N train_ferkd.py ...`` for distributed training (multi-node with
 torchrun's own ``--nnodes``/``--rdzv-*`` arguments); CPU runs use the gloo backend.
@@ -493,7 +491,6 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
     data_config = _data_config(args, model)
     mode = 'offline' if args.soft_labels else ('online' if args.kd_model_name else 'plain')
 
-    # ---- data
     bank = None
     if mode == 'offline':
         bank = _open_bank(args)  # the dataset checks the bank's classes against the model's
@@ -503,7 +500,6 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
     loader_train, mixup_fn = _create_train_loader(args, data_config, device, bank)
     loader_eval = _create_eval_loader(args, data_config, device)
 
-    # ---- task
     task = _create_task(args, model, mode, device)
     task.to(device)
     if args.channels_last:
@@ -544,7 +540,6 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
         else:
             lr_scheduler.step(start_epoch)
 
-    # ---- output
     saver = None
     output_dir = None
     eval_metric = args.eval_metric

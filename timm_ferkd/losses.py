@@ -346,15 +346,10 @@ class DTDLoss(KDLoss):
     * ``'similarity'``: ``w_x = (1 - cos(z_S, z_T))^gamma`` (student/teacher disagreement),
     * ``'confidence'``: ``w_x = 1 / max_c softmax(z_S)_c`` (student uncertainty).
 
-    Harder samples get a larger w and so a lower temperature. The loss is
-
-    ``L = a_kd * mean_w[tau_x^2 KL(softmax(A(z_T) / tau_x) || softmax(z_S / tau_x))] + a_ce * mean_w[CE(z_S, y)]``
-
-    with A the optional probability shift. With stored labels ``z_T = log q`` (clamped). The
-    batch mean of w is weighted by the crop weights, so discarded crops do not move the other
+    Harder samples get a larger w and so a lower temperature; the loss is :class:`KDLoss`'s with
+    ``tau_x`` for T. The batch mean of w is crop-weighted, so discarded crops do not move the other
     crops' temperatures. Returns ``'loss'``, ``'dtd'`` (the tau^2-scaled KL), ``'tau_min'`` / ``'tau_max'``
-    (detached extremes of the batch temperatures; per sample: :meth:`temperatures`) and ``'ce'`` when
-    task_loss_weight > 0.
+    (detached batch extremes; per sample: :meth:`temperatures`) and ``'ce'`` when task_loss_weight > 0.
 
     Args:
         temperature: tau_0 > 0.

@@ -188,9 +188,15 @@ class BankManifest:
         return manifest
 
     @classmethod
-    def load(cls, path: os.PathLike,
-             schema: Optional[Callable[[Dict[str, Any], str], None]] = None) -> 'BankManifest':
-        """Read ``manifest.json`` from a bank directory (or the file itself); ``schema`` as in :meth:`from_dict`."""
+    def load(cls, path: os.PathLike, schema: Optional[Callable[[Dict[str, Any], str], None]] = None,
+             source: Optional[str] = None) -> 'BankManifest':
+        """Read ``manifest.json`` from a bank directory (or the file itself).
+
+        Args:
+            path: The bank directory or its manifest file.
+            schema: As in :meth:`from_dict`.
+            source: What to call the manifest in error messages (default: its path).
+        """
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST_NAME
@@ -203,8 +209,9 @@ class BankManifest:
         except OSError as e:
             raise BankError(f'cannot read {path}: {e.strerror}') from None
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise BankError(f'{path} is not valid JSON ({e}); the bank is corrupt, regenerate or re-download it') from None
-        return cls.from_dict(data, source=str(path), schema=schema)
+            raise BankError(f'{source or path} is not valid JSON ({e}); the bank is corrupt, regenerate or '
+                            f're-download it') from None
+        return cls.from_dict(data, source=source or str(path), schema=schema)
 
 
 def read_safetensors_header(path: os.PathLike) -> Tuple[Dict[str, Any], int]:

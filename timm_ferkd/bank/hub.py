@@ -234,7 +234,7 @@ def pull_bank(
     where = dict(repo_type=REPO_TYPE, local_dir=local_dir, cache_dir=cache_dir, force_download=force_download)
     with _hub_errors(repo_id, revision):
         manifest_path = Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=commit, **where))
-    manifest = BankManifest.load(manifest_path, schema=validate_manifest)
+    manifest = BankManifest.load(manifest_path, schema=validate_manifest, source=f'{display} {MANIFEST_NAME}')
     for record in manifest.shards:
         if not _SHARD_FILE.fullmatch(record.file):
             raise BankError(f'{display}: {MANIFEST_NAME} lists an invalid shard file name {record.file!r}; '

@@ -11,7 +11,6 @@ One pass is one *image* epoch (every image decoded once; FKD's code counts it as
 the steps of a plain epoch. ``set_epoch(e)`` replays epoch ``e`` exactly, for any number of workers and
 after a resume: order, regions, jitter and mixing are keyed by the seed and the epoch.
 """
-import logging
 from contextlib import suppress
 from functools import partial
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
@@ -24,11 +23,10 @@ from torch.utils.data.distributed import DistributedSampler
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from timm_ferkd.data.dataset import EpochKey, RegionDataset, collate_regions
+from timm_ferkd.data.source import stats_for_chans
 from timm_ferkd.errors import ConfigError
 
 __all__ = ['CROP_LAYOUTS', 'RegionLoader', 'EpochKeySampler', 'create_region_loader']
-
-_logger = logging.getLogger(__name__)
 
 CROP_LAYOUTS = ('spread', 'image')
 
@@ -58,25 +56,6 @@ class EpochKeySampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.sampler)
-
-    @property
-    def num_replicas(self) -> int:
-        return getattr(self.sampler, 'num_replicas', 1)
-
-    @property
-    def rank(self) -> int:
-        return getattr(self.sampler, 'rank', 0)
-
-
-def _adapt_to_chans(values: Sequence[float], chans: int, name: str) -> Tuple[float, ...]:
-    values = tuple(float(v) for v in (values if isinstance(values, (tuple, list)) else (values,)))
-    if len(values) == chans:
-        return values
-    if len(values) == 1:
-        return values * chans
-    # timm's convention: a 3-channel mean for a 1-channel model becomes its average
-    _logger.info(f'{name} has {len(values)} values for {chans} channel(s): using their mean')
-    return (sum(values) / len(values),) * chans
 
 
 class RegionLoader:
@@ -121,9 +100,9 @@ class RegionLoader:
         chans = loader.dataset.input_size[0]
         shape = (1, chans, 1, 1)
         # uint8 in, so the stats scale by 255 instead of dividing the batch first
-        self.mean = torch.tensor([m * 255 for m in _adapt_to_chans(mean, chans, 'mean')], device=device,
+        self.mean = torch.tensor([m * 255 for m in stats_for_chans(mean, chans)], device=device,
                                  dtype=img_dtype).view(shape)
-        self.std = torch.tensor([s * 255 for s in _adapt_to_chans(std, chans, 'std')], device=device,
+        self.std = torch.tensor([s * 255 for s in stats_for_chans(std, chans)], device=device,
                                 dtype=img_dtype).view(shape)
         self.is_cuda = device.type == 'cuda' and torch.cuda.is_available()
         self.stream = None
@@ -252,14 +231,9 @@ def create_region_loader(
 ) -> RegionLoader:
     """Create a multi-crop loader over a :class:`RegionDataset`, in the style of ``timm.data.create_loader``.
 
-    ``batch_size`` counts crops per step. With ``crop_layout='spread'`` a step holds ``batch_size``
-    distinct images (one crop each) and a DataLoader batch of ``batch_size`` images makes ``num_crops``
-    steps; with ``'image'`` a step holds ``batch_size // num_crops`` images x ``num_crops`` crops, so
-    ``batch_size`` must be a multiple of ``num_crops``.
-
     Args:
         dataset: The region dataset.
-        batch_size: Crops per step (per rank).
+        batch_size: Crops per step (per rank); a multiple of ``num_crops`` with the ``'image'`` layout.
         is_training: Shuffle images (per epoch) and drop the last incomplete step (or window).
         num_workers: DataLoader worker processes.
         distributed: Split images over ranks with a ``DistributedSampler`` (each rank sees distinct images).

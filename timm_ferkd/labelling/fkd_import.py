@@ -33,17 +33,16 @@ import pickle
 import re
 import zipfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from timm_ferkd.bank.format import (
-    EXPLICIT_SAMPLER, MANIFEST_NAME, BankManifest, TeacherInfo)
+from timm_ferkd.bank.format import EXPLICIT_SAMPLER, BankManifest, TeacherInfo
 from timm_ferkd.bank.codes import label_storage, label_tensors
 from timm_ferkd.bank.validate import shard_metadata
-from timm_ferkd.bank.writer import atomic_write_bytes, check_resumable, discard_unfinished, finished_shards, write_shard
+from timm_ferkd.bank.writer import (
+    atomic_write_bytes, check_resumable, discard_unfinished, finished_shards, write_manifest, write_shard)
 from timm_ferkd.errors import BankError, ConfigError, FerKDError
 
 __all__ = [
@@ -410,14 +409,8 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
         raise
     report.filled = len(missing)
 
-    done = finished_shards(out, manifest)
-    lost = [s for s in range(manifest.num_shards) if s not in done]
-    if lost:
-        raise BankError(f'shards {lost} were not written; rerun the same command to finish the bank')
-    manifest.shards = [done[s] for s in range(manifest.num_shards)]
-    manifest.created = datetime.now(timezone.utc).isoformat(timespec='seconds')
     atomic_write_bytes(out / REPORT_NAME, (json.dumps(asdict(report), indent=2) + '\n').encode())
-    atomic_write_bytes(out / MANIFEST_NAME, manifest.to_json().encode())
+    write_manifest(out, manifest)
     return report
 
 
