@@ -57,6 +57,14 @@ class EpochKeySampler(Sampler):
     def __len__(self) -> int:
         return len(self.sampler)
 
+    @property
+    def num_replicas(self) -> int:
+        return getattr(self.sampler, 'num_replicas', 1)
+
+    @property
+    def rank(self) -> int:
+        return getattr(self.sampler, 'rank', 0)
+
 
 class RegionLoader:
     """Iterable over device-ready multi-crop steps ``(input, target)``.

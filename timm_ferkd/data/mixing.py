@@ -152,13 +152,10 @@ class SelfMix:
         device = x.device
         partner = self._partner(n)
         target = dict(target)
-        if not self.mix_enabled:
-            applied = np.zeros(n, dtype=bool)
-            lam = np.ones(n)
-            use_cutmix = applied
-            boxes = (np.zeros(n, dtype=np.int64),) * 4
-        else:
+        if self.mix_enabled:
             applied, use_cutmix, lam, *boxes = self._draw(n, height, width)
+        else:  # nothing is mixed, so neither use_cutmix nor boxes is read
+            applied, lam = np.zeros(n, dtype=bool), np.ones(n)
         partner = np.where(applied, partner, np.arange(n))
         lam_t = torch.from_numpy(lam.astype(np.float32)).to(device, non_blocking=True)
         target['lam'] = lam_t
