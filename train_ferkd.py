@@ -1,14 +1,9 @@
 #!/usr/bin/env python3
 """ timm-ferkd training script: plain, online-KD and offline (FKD / FerKD) training of timm models.
 
-A timm ``train.py``-style script. The supervision is chosen by the flags:
-
-* ``--soft-labels BANK``: offline distillation from a soft-label bank (local directory or
-  ``hf-hub:ORG/NAME[@REV]``): each decoded image yields ``--num-crops`` stored regions, trained against
-  their (calibrated, SelfMix-ed) labels with ``--distill-loss``. No teacher runs.
-* ``--kd-model-name NAME --kd-checkpoint FILE``: online distillation with the teacher in the loop
-  (Hinton KD through timm's ``LogitDistillationTask``, or FNKD / DTD / probability shift).
-* neither: plain supervised training, as timm's ``train.py``.
+A timm ``train.py``-style script: ``--soft-labels BANK`` distills offline from a soft-label bank (no
+teacher runs), ``--kd-model-name NAME --kd-checkpoint FILE`` online with the teacher in the loop, and
+neither trains plainly, as timm's ``train.py``.
 
 One epoch decodes every training image once (with ``--num-crops K``: K crops each, K times the steps
 of a plain epoch); offline, the LR schedule, warmup and EMA warmup advance per optimizer update.

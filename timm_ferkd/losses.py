@@ -258,11 +258,9 @@ class FerKDLoss(SoftRegionCrossEntropy):
 
     ``L = sum_i w_i H(y_a,i, softmax(z_i / T)) / max(sum_i w_i, eps)``
 
-    The adaptation itself (discard / softened hard label / teacher label by the teacher's
-    max probability) happens in the data pipeline, which writes the adapted label to
-    ``'soft'`` and ``w = 0`` for discarded crops. A discarded crop contributes nothing and its
-    logits get an exactly zero gradient; a batch with no kept crop gives loss 0, not NaN.
-    Returns ``'loss'``, ``'soft_ce'`` (the same value) and ``'kept'`` (mean crop weight, detached: the
+    The adaptation itself happens in the data pipeline (:mod:`timm_ferkd.data.calibration`). A crop of
+    weight 0 contributes nothing and gets an exactly zero gradient; a batch of such crops gives loss 0,
+    not NaN. Returns ``'loss'``, ``'soft_ce'`` (the same value) and ``'kept'`` (mean crop weight, detached: the
     fraction of crops that count).
 
     Args:

@@ -242,9 +242,8 @@ class SoftLabelBank:
     def read_batch(self, image_indices: Sequence[int], region_ids: np.ndarray) -> 'RegionBatch':
         """Everything a loader needs of the regions ``region_ids`` [m, c] of images ``image_indices`` [m].
 
-        The same boxes, flips and targets as ``regions`` and ``dense_targets`` image by image, in one
-        vectorised pass: for a few regions per image, numpy's per-operation cost, not the arithmetic,
-        is most of a one-image read, so a DataLoader batch is read at once.
+        The same as ``regions`` and ``dense_targets`` image by image, in one vectorised pass: for a few
+        regions per image numpy's per-call cost, not the arithmetic, is most of a one-image read.
 
         Args:
             image_indices: [m] images.

@@ -209,10 +209,8 @@ def _check_object(data: Any, fields: Dict[str, Any], cls, where: str, source: st
 def validate_manifest(data: Any, source: str = 'manifest') -> None:
     """Check a parsed ``manifest.json``: every field's type and range, and the shard layout.
 
-    The format name and version are checked first by ``BankManifest.from_dict``. Shard records must
-    be, in order, the writer's files ``shard-00000.safetensors, ...`` with the contiguous image ranges
-    ``num_images`` and ``images_per_shard`` call for (a manifest may list fewer shards than that: the
-    reader reports it as incomplete).
+    Shard records must be the writer's files and image ranges, in order; fewer than ``num_images`` calls
+    for pass (the reader reports the bank as incomplete).
 
     Args:
         data: The parsed JSON.
@@ -256,12 +254,8 @@ def validate_manifest(data: Any, source: str = 'manifest') -> None:
 
 
 def check_safetensors_header(header: Any, data_size: int, source: str) -> None:
-    """Check a safetensors header like the safetensors library does before it reads a tensor.
-
-    The header is a JSON object; ``__metadata__`` (optional) maps strings to strings; every other entry
-    is an object with a known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets``
-    ``[begin, end]`` with ``end - begin`` the tensor's byte size. Sorted by offset, the tensors cover the
-    data section exactly: no negative offset, overlap, hole or trailing byte.
+    """Check a safetensors header like the safetensors library does before it reads a tensor: known
+    dtypes, and tensors that cover the data section exactly (no overlap, hole or trailing byte).
 
     Args:
         header: The parsed header (``read_safetensors_header``).

@@ -76,12 +76,10 @@ def tie_broken(max_probs: np.ndarray) -> np.ndarray:
 class CalibrationConfig:
     """FerKD region calibration options.
 
-    With ``quantile=False`` the thresholds are absolute confidences. With ``quantile=True`` they are
-    fractions of the bank's max-prob distribution, resolved by :meth:`resolve`: ``low=0.05`` discards
-    the 5% least confident regions, ``top=0.99`` the 1% most confident ones, ``mid=0.3`` calibrates
-    the regions between the 5% and 30% quantiles. Quantiles use numpy's default (linear) method on
-    :func:`tie_broken` confidences, so they hold where many regions share a stored value (a confident
-    teacher's fp16 bank stores 1.0 for a quarter of its regions or more).
+    With ``quantile=True`` the thresholds are quantiles of the bank's confidences, resolved by
+    :meth:`resolve` (``low=0.05`` discards the 5% least confident regions); taken on :func:`tie_broken`
+    confidences, they hold where many regions share a stored value (a confident teacher's fp16 bank
+    stores 1.0 for a quarter of its regions or more).
 
     The defaults (0, None, 1) keep every region with its teacher label, i.e. plain FKD.
 

@@ -332,10 +332,8 @@ def render_cluttered(
         count: Optional[int] = None,
         layers: str = 'all',
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Build the first ``count`` cluttered images of a split (vectorised over images).
-
-    Image ``i`` is the same whatever ``count`` is: fragments are cut from any image of ``images``,
-    and the random draws of image ``i`` depend only on (seed, split, i).
+    """Build the first ``count`` cluttered images of a split (vectorised over images; image ``i`` is the same
+    whatever ``count`` is).
 
     Args:
         images: uint8 [N, 28, 28], the whole source split (the fragments' pool).

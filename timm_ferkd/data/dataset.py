@@ -113,11 +113,9 @@ class RegionDataset(Dataset):
         num_classes: The student's class count, checked against the bank when given.
 
     Attributes:
-        categories: int8 [num_images, R] category of every region (``CATEGORY_*``), computed once from
-            ``bank.all_max_probs()``; None without calibration (every region soft).
+        categories: int8 [num_images, R] category of every region (``CATEGORY_*``); None without calibration.
         num_eligible: int64 [num_images], non-discarded regions per image.
-        fallback_images: Images whose every region calibration would discard; they keep all their regions
-            (below T_L as hard, above T_T as soft), so no image leaves the epoch.
+        fallback_images: Images whose every region calibration would discard: they keep them all.
         label_transform: The composed per-crop label transform.
 
     Raises:

@@ -156,11 +156,8 @@ class RegionLoader:
             self.mixing.mix_enabled = bool(value)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select epoch ``epoch`` everywhere: image order, region choice, jitter and mixing.
-
-        The same as timm's ``loader.sampler.set_epoch(epoch)``: the dataset and the mixing follow the
-        sampler's epoch when an iteration starts.
-        """
+        """Select epoch ``epoch`` everywhere (image order, regions, jitter, mixing), as timm's
+        ``loader.sampler.set_epoch(epoch)`` does: the dataset and the mixing follow the sampler's epoch."""
         self.sampler.set_epoch(epoch)
 
     def _follow_sampler_epoch(self) -> None:

@@ -21,10 +21,8 @@ Since torch 2.6 ``torch.load`` refuses these files unless ``weights_only=False``
 execute whatever the pickle says. Here they are loaded with ``weights_only=True`` and an allowlist
 of exactly the numpy globals such files need; anything else is refused before it can run.
 
-The bank keeps the stored boxes (``sampler = 'explicit'``, shard tensors ``boxes`` and ``flips``):
-the seeded sampler cannot reproduce FKD's random boxes. Values are stored as float16, or with
-``value_dtype='uint8'`` as 8-bit codes with bit-packed indices (``timm_ferkd.bank.codes``); ``hard``
-labels keep no probability, so their stored value is 1.
+The bank keeps the stored boxes (``sampler = 'explicit'``): the seeded sampler cannot reproduce FKD's
+random boxes. ``hard`` labels keep no probability, so their stored value is 1.
 """
 import json
 import logging

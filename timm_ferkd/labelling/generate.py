@@ -1,10 +1,8 @@
 """Teacher -> bank: label R regions of every image once (distributed, resumable).
 
-Work is split by shard. Under ``torchrun`` rank r labels the shards s with ``s % world == r``;
-each shard's crops are batched identically whatever the number of processes, so a bank made
-by N processes is byte-identical to one made by a single process with the same seed. A shard
-is written to a temporary file, renamed, and only then recorded; a killed job rerun with the
-same command skips recorded shards and redoes the rest.
+Under ``torchrun`` rank r labels the shards s with ``s % world == r``, each batched identically
+whatever the number of processes, so a bank made by N processes is byte-identical to one made by
+one. A killed job rerun with the same command skips the recorded shards and redoes the rest.
 """
 import json
 import logging
@@ -201,9 +199,8 @@ def _teacher_info(cfg: GenerateConfig, model) -> TeacherInfo:
 def resume_settings(cfg: GenerateConfig, manifest: BankManifest) -> dict:
     """What a rerun must share with the run that started a bank (``generation.json``).
 
-    The manifest's settings, plus the execution options that change the shards' bytes: device type,
-    mixed precision and its dtype, crops per forward, and channels-last on CUDA. Only the options in
-    ``BYTE_NEUTRAL_OPTIONS`` are left out, so a resume never mixes labels of another precision.
+    The manifest's settings plus every execution option but ``BYTE_NEUTRAL_OPTIONS`` (device type, mixed
+    precision, crops per forward, ...), so a resume never mixes labels of another precision.
 
     Args:
         cfg: Generation options.
