@@ -1,19 +1,12 @@
 #!/usr/bin/env python3
 """ timm-ferkd training script: plain, online-KD and offline (FKD / FerKD) training of timm models.
 
-A timm ``train.py``-style script. The supervision is chosen by the flags:
+A timm ``train.py``-style script: ``--soft-labels BANK`` distills offline from a soft-label bank (no
+teacher runs), ``--kd-model-name NAME --kd-checkpoint FILE`` online with the teacher in the loop, and
+neither trains plainly, as timm's ``train.py``.
 
-* ``--soft-labels BANK``: offline distillation from a soft-label bank (local directory or
-  ``hf-hub:ORG/NAME[@REV]``): each decoded image yields ``--num-crops`` stored regions, trained against
-  their (calibrated, SelfMix-ed) labels with ``--distill-loss``. No teacher runs.
-* ``--kd-model-name NAME --kd-checkpoint FILE``: online distillation with the teacher in the loop
-  (Hinton KD through timm's ``LogitDistillationTask``, or FNKD / DTD / probability shift).
-* neither: plain supervised training, as timm's ``train.py``.
-
-Epochs: one epoch decodes every training image once. With ``--num-crops K`` that is K crops per image
-(K x N crops in all, K times the steps of a plain epoch at the same ``-b``); the FKD reference code counts
-the same pass as K epochs. Offline steps hold ``-b`` crops of ``-b`` different images (``--crop-layout
-spread``), and the LR schedule, warmup and EMA warmup advance per optimizer update.
+One epoch decodes every training image once (with ``--num-crops K``: K crops each, K times the steps
+of a plain epoch); offline, the LR schedule, warmup and EMA warmup advance per optimizer update.
 
 Launch with ``torchrun --nproc_per_node=N train_ferkd.py ...`` for distributed training (multi-node with
 torchrun's own ``--nnodes``/``--rdzv-*`` arguments); CPU runs use the gloo backend.
@@ -493,7 +486,6 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
     data_config = _data_config(args, model)
     mode = 'offline' if args.soft_labels else ('online' if args.kd_model_name else 'plain')
 
-    # ---- data
     bank = None
     if mode == 'offline':
         bank = _open_bank(args)  # the dataset checks the bank's classes against the model's
@@ -503,7 +495,6 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
     loader_train, mixup_fn = _create_train_loader(args, data_config, device, bank)
     loader_eval = _create_eval_loader(args, data_config, device)
 
-    # ---- task
     task = _create_task(args, model, mode, device)
     task.to(device)
     if args.channels_last:
@@ -544,7 +535,6 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
         else:
             lr_scheduler.step(start_epoch)
 
-    # ---- output
     saver = None
     output_dir = None
     eval_metric = args.eval_metric

@@ -1,11 +1,7 @@
 """timm-ferkd: fast offline knowledge distillation for timm (FKD, FerKD, SelfMix, FNKD, DTD).
 
-The public API: banks (``open_bank``, ``SoftLabelBank``, ``GenerateConfig``/``generate_bank``), the
-Hub (``pull_bank``, ``push_bank``), the training data (``create_region_dataset``,
-``create_region_loader``, ``create_selfmix``, ``CalibrationConfig``), objectives
-(``create_distill_loss``), tasks (``FerKDTask``, ``create_task``) and ``register_with_timm()``;
-the rest lives in the subpackages (``timm_ferkd.bank``, ``timm_ferkd.data``, ``timm_ferkd.labelling``).
-Imports are lazy so that ``import timm_ferkd`` stays cheap in data-loader workers.
+The public API is ``__all__``; the rest lives in the subpackages (``timm_ferkd.bank``, ``timm_ferkd.data``,
+``timm_ferkd.labelling``). Imports are lazy so that ``import timm_ferkd`` stays cheap in data-loader workers.
 """
 import importlib
 from typing import Any, List

@@ -1,10 +1,8 @@
 """The Fashion-MNIST demo: teacher -> bank -> students (plain, FKD, FerKD) -> table and plot.
 
 Every step runs the real command line (``train_ferkd.py`` and ``timm-ferkd``) in a subprocess, so the
-demo is also a worked example of the commands a user types. Sizes default to a run of about ten
-minutes on two CPU cores; the learning rates and FerKD settings are those ``benchmarks/accuracy.py``
-chose on the validation split (docs/benchmarks.md). The teacher sees more images than the students, as a large pretrained
-teacher does in practice: that knowledge is what the students get from its labels.
+demo is also a worked example of the commands a user types. The teacher sees more images than the
+students, as a large pretrained teacher does in practice: that knowledge is what its labels pass on.
 """
 import shlex
 import shutil

@@ -1,9 +1,5 @@
-"""Exceptions raised for bad user input.
-
-Every error a user can cause (a bank that does not match the dataset, a corrupt shard, an
-impossible flag value) is one of these. The command line prints the message as one line and
-exits with status 2, so each message says what is wrong and how to fix it.
-"""
+"""Errors a user can cause and fix: the command line prints each as one line and exits with status 2,
+so every message says what is wrong and how to fix it."""
 import re
 
 __all__ = ['FerKDError', 'BankError', 'BankMismatchError', 'ConfigError', 'HubError']

@@ -1,29 +1,12 @@
 """Distillation objectives: FKD soft CE, FerKD, KD, DTD, FNKD and probability shift.
 
-Every loss module shares one call convention so that a task can drive any of them:
+Every loss takes ``(logits, target, features=None, teacher_logits=None, teacher_features=None)``, with
+``target`` the pipeline's dict (see :func:`make_target`), and returns a dict of ``'loss'`` and named
+components for logging; the attributes of :class:`DistillLoss` tell a task what to compute first.
 
-```python
-out = loss(logits, target, features=None, teacher_logits=None, teacher_features=None)
-out['loss'].backward()
-```
-
-``target`` is the dict produced by the region-replay pipeline:
-
-* ``'soft'``: float [B, C], dense target, rows sum to 1 (the stored, adapted region label),
-* ``'label'``: long [B], ground-truth class,
-* ``'weight'``: float [B], 1 normally, 0 for a crop that must not contribute.
-
-The returned dict holds ``'loss'`` (the scalar to back-propagate) and named scalar components
-for logging. Class attributes tell a task what to compute before calling the loss:
-
-* ``needs_features``: the student's pre-logit features (``forward_head(pre_logits=True)``),
-* ``needs_teacher``: teacher logits from a teacher running in the loop (``online=True``),
-* ``needs_teacher_features``: the teacher's pre-logit features as well.
-
-Reductions: FKD's soft CE averages over the batch (its reference code divides by B). Every
-other loss averages over the sum of crop weights, so a discarded crop neither contributes nor
-dilutes the mean. Under DDP each rank averages its own crops and DDP averages the gradients
-over ranks, which equals the global weighted mean only when every rank has the same weight sum.
+Reductions: FKD's soft CE averages over the batch (its reference code divides by B); every other loss
+averages over the sum of crop weights, so a discarded crop neither contributes nor dilutes the mean.
+Under DDP that equals the global weighted mean only when every rank has the same weight sum.
 """
 from typing import Dict, Optional, Tuple, Union
 
@@ -275,11 +258,9 @@ class FerKDLoss(SoftRegionCrossEntropy):
 
     ``L = sum_i w_i H(y_a,i, softmax(z_i / T)) / max(sum_i w_i, eps)``
 
-    The adaptation itself (discard / softened hard label / teacher label by the teacher's
-    max probability) happens in the data pipeline, which writes the adapted label to
-    ``'soft'`` and ``w = 0`` for discarded crops. A discarded crop contributes nothing and its
-    logits get an exactly zero gradient; a batch with no kept crop gives loss 0, not NaN.
-    Returns ``'loss'``, ``'soft_ce'`` (the same value) and ``'kept'`` (mean crop weight, detached: the
+    The adaptation itself happens in the data pipeline (:mod:`timm_ferkd.data.calibration`). A crop of
+    weight 0 contributes nothing and gets an exactly zero gradient; a batch of such crops gives loss 0,
+    not NaN. Returns ``'loss'``, ``'soft_ce'`` (the same value) and ``'kept'`` (mean crop weight, detached: the
     fraction of crops that count).
 
     Args:
@@ -363,15 +344,10 @@ class DTDLoss(KDLoss):
     * ``'similarity'``: ``w_x = (1 - cos(z_S, z_T))^gamma`` (student/teacher disagreement),
     * ``'confidence'``: ``w_x = 1 / max_c softmax(z_S)_c`` (student uncertainty).
 
-    Harder samples get a larger w and so a lower temperature. The loss is
-
-    ``L = a_kd * mean_w[tau_x^2 KL(softmax(A(z_T) / tau_x) || softmax(z_S / tau_x))] + a_ce * mean_w[CE(z_S, y)]``
-
-    with A the optional probability shift. With stored labels ``z_T = log q`` (clamped). The
-    batch mean of w is weighted by the crop weights, so discarded crops do not move the other
+    Harder samples get a larger w and so a lower temperature; the loss is :class:`KDLoss`'s with
+    ``tau_x`` for T. The batch mean of w is crop-weighted, so discarded crops do not move the other
     crops' temperatures. Returns ``'loss'``, ``'dtd'`` (the tau^2-scaled KL), ``'tau_min'`` / ``'tau_max'``
-    (detached extremes of the batch temperatures; per sample: :meth:`temperatures`) and ``'ce'`` when
-    task_loss_weight > 0.
+    (detached batch extremes; per sample: :meth:`temperatures`) and ``'ce'`` when task_loss_weight > 0.
 
     Args:
         temperature: tau_0 > 0.

@@ -1,31 +1,11 @@
-"""Make timm's name-dispatched factories accept this package's datasets and losses.
+"""Make timm's name-dispatched dataset and loss factories accept this package's names.
 
-timm keeps registries for models and optimizers only; datasets and losses are chosen by name
-inside ``timm.data.create_dataset`` and ``timm.loss.create_classification_loss``. After an explicit
-:func:`register_with_timm`:
-
-* ``create_dataset('ferkd-cluttered/fashion_mnist[:key=value,...]', root, split, ...)`` returns the
-  cluttered Fashion-MNIST of :mod:`timm_ferkd.data.cluttered` (its parameters in the name or as the
-  keyword arguments ``canvas``, ``scale``, ``fragments``, ``fragment_size``, ``clutter_seed``; timm's
-  ``seed`` and the iterable-only options are ignored, as by torchvision datasets);
-* ``create_dataset('ferkd/<timm name>', root, split, soft_labels=BANK, ...)`` returns a
-  :class:`~timm_ferkd.data.dataset.RegionDataset` over ``create_dataset('<timm name>', ...)``
-  (``'ferkd/'`` alone wraps an image folder; ``split`` defaults to 'train' as banks label training
-  sets; ``input_img_mode`` picks the channels, ``seed`` seeds region choice, iterable-only options
-  are ignored, other keyword arguments go to :func:`~timm_ferkd.data.dataset.create_region_dataset`);
-* ``create_classification_loss(loss_type)`` with a name of :data:`FERKD_LOSS_TYPES`
-  (``'soft_ce'``, ``'ferkd'``, ``'kd'``, ``'dtd'``, ``'fnkd'``) returns
-  ``TimmCriterion(create_distill_loss(loss_type, **extra_kwargs))``, so
-  ``ClassificationTask(criterion_kwargs=dict(loss_type='ferkd'))`` works, and this package's tasks
-  accept the same criterion (``train_ferkd.py`` builds every criterion this way).
-
-Every other name goes to timm's original function untouched (same arguments, same result, same
-errors); a name timm itself defines always stays timm's. The functions are imported by name into
-several timm modules (``timm.data`` and ``timm.data.dataset_factory``; ``timm.loss``,
-``timm.loss._loss_factory``, ``timm.task``, ``timm.task.classification``), so every loaded ``timm``
-module binding the original is patched. Registering twice is a no-op; :func:`unregister_from_timm`
-restores the originals. :func:`create_dataset` gives the same dispatch without patching anything
-(the package's own entry points use it, so the names work whether or not timm was patched).
+After :func:`register_with_timm`, ``timm.data.create_dataset`` builds ``'ferkd/<timm name>'`` (a
+:class:`~timm_ferkd.data.dataset.RegionDataset`, ``soft_labels=BANK``) and ``'ferkd-cluttered/...'``
+datasets, and ``timm.loss.create_classification_loss`` builds the losses of :data:`FERKD_LOSS_TYPES`.
+Every other name goes to timm's original function untouched. timm's modules import these functions by
+name, so every loaded ``timm`` module binding an original is patched; :func:`unregister_from_timm`
+restores them, and :func:`create_dataset` gives the same dispatch without patching anything.
 """
 import functools
 import inspect
@@ -185,8 +165,15 @@ def _wrapper(key: str, original: Callable, factory: Callable) -> Callable:
 def create_dataset(name: str, *args: Any, **kwargs: Any) -> Any:
     """``timm.data.create_dataset`` that also knows this package's names, without patching timm.
 
-    Same arguments as timm's; ``ferkd-cluttered/...`` and ``ferkd/...`` names are handled here (see the
-    module docstring), every other name goes to timm unchanged.
+    ``'ferkd/<name>'`` wraps timm's ``<name>`` (``'ferkd/'`` alone: an image folder; ``split`` defaults to
+    'train'; ``input_img_mode`` picks the channels; extra keyword arguments go to
+    :func:`~timm_ferkd.data.dataset.create_region_dataset`); ``'ferkd-cluttered/fashion_mnist[:key=value,...]'``
+    builds :mod:`timm_ferkd.data.cluttered`'s dataset. Options that only steer iterable datasets are ignored.
+
+    Args:
+        name: The dataset name.
+        *args: timm's positional ``create_dataset`` arguments.
+        **kwargs: timm's keyword arguments, plus the extra ones above.
     """
     import timm.data.dataset_factory
     original = _original(timm.data.dataset_factory.create_dataset)

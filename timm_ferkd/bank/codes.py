@@ -1,22 +1,11 @@
 """How a bank stores its labels: fp16 values (format 1) or 8-bit values and bit-packed indices (format 2).
 
-``label_storage`` is the one place that decides the shard dtypes of a bank; writers call
-``label_tensors`` and readers ``decode_values`` / ``unpack_indices`` with what it decided.
-
-8-bit values (``value_dtype: uint8``), per region, of probabilities ``p_0 >= p_1 >= ...``:
-
-* the top value on a linear code: ``q_0 = round(255 p_0)``, decoded ``v_0 = q_0 / 255``;
-* every other value relative to the decoded top: ``q_i = round(255 min(p_i / v_0, 1))``, decoded
-  ``v_i = v_0 q_i / 255`` (0 when ``v_0 = 0``).
-
-Each decoded value lies within 1/510 of its probability, decoded values stay in descending order
-and the first one is still the region's max (FerKD's confidence). Scaling to the top value keeps
-the resolution of flat distributions, whose values are all small; log-spaced codes would instead
-cost the top value, the one that matters most, up to 1.8% of its size.
-
-Packed indices (``index_dtype: packedB``): each class index in ``B = ceil(log2 C)`` bits; the ``R k``
-indices of one image form one little-endian bit stream (index ``j`` of region ``r`` at bit
-``(r k + j) B``), padded to whole bytes, one row of ``ceil(R k B / 8)`` bytes per image.
+``label_storage`` is the one place that decides the shard dtypes; writers call ``label_tensors`` and
+readers ``decode_values`` / ``unpack_indices``. 8-bit values code the top value linearly,
+``q_0 = round(255 p_0)``, and the others relative to the decoded top ``v_0 = q_0 / 255``:
+``q_i = round(255 min(p_i / v_0, 1))``, decoded ``v_i = v_0 q_i / 255``, so decoded values stay
+descending and within 1/510 of their probabilities. Packed indices take ``ceil(log2 C)`` bits each, one
+little-endian bit stream per image. ``docs/bank-format.md`` has the details and the error bounds.
 """
 from dataclasses import dataclass
 from typing import Dict, Optional

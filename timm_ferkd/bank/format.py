@@ -1,22 +1,9 @@
 """Bank format: the manifest schema, shard schema, version checks and safetensors headers.
 
-A bank is a directory::
-
-    manifest.json               everything below, plus one record per shard
-    shard-00000.safetensors     images [first_image, first_image + num_images)
-    shard-00001.safetensors     ...
-
-Each shard holds, for its images (n) and the bank's regions per image (R) and stored k:
-
-    image_sizes   int32  [n, 2]     decoded (height, width): the sampler re-derives boxes from it
-    targets       int32  [n]        ground-truth class of each image
-    topk_values   float16[n, R, k]  teacher probabilities, sorted descending (uint8 codes in format 2)
-    topk_indices  uint8/uint16/int32 [n, R, k]  their classes (absent for label type 'full');
-                  format 2: uint8 [n, bytes] bit-packed rows (``timm_ferkd.bank.codes``)
-    boxes         float32 [n, R, 4] normalised (top, left, height, width)   only if sampler == 'explicit'
-    flips         uint8   [n, R]                                           only if sampler == 'explicit'
-
-See ``docs/bank-format.md`` for the full description.
+A bank is a directory holding ``manifest.json`` (the settings and one record per shard) and
+``shard-00000.safetensors, ...``, each with the ``image_sizes``, ``targets``, ``topk_values`` and (but
+for label type 'full') ``topk_indices`` of a contiguous range of images, plus ``boxes`` and ``flips``
+for sampler 'explicit'. ``docs/bank-format.md`` describes every field and tensor.
 """
 import json
 import os
@@ -188,9 +175,15 @@ class BankManifest:
         return manifest
 
     @classmethod
-    def load(cls, path: os.PathLike,
-             schema: Optional[Callable[[Dict[str, Any], str], None]] = None) -> 'BankManifest':
-        """Read ``manifest.json`` from a bank directory (or the file itself); ``schema`` as in :meth:`from_dict`."""
+    def load(cls, path: os.PathLike, schema: Optional[Callable[[Dict[str, Any], str], None]] = None,
+             source: Optional[str] = None) -> 'BankManifest':
+        """Read ``manifest.json`` from a bank directory (or the file itself).
+
+        Args:
+            path: The bank directory or its manifest file.
+            schema: As in :meth:`from_dict`.
+            source: What to call the manifest in error messages (default: its path).
+        """
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST_NAME
@@ -203,8 +196,9 @@ class BankManifest:
         except OSError as e:
             raise BankError(f'cannot read {path}: {e.strerror}') from None
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise BankError(f'{path} is not valid JSON ({e}); the bank is corrupt, regenerate or re-download it') from None
-        return cls.from_dict(data, source=str(path), schema=schema)
+            raise BankError(f'{source or path} is not valid JSON ({e}); the bank is corrupt, regenerate or '
+                            f're-download it') from None
+        return cls.from_dict(data, source=source or str(path), schema=schema)
 
 
 def read_safetensors_header(path: os.PathLike) -> Tuple[Dict[str, Any], int]:

@@ -1,22 +1,11 @@
 """Soft-label banks on the Hugging Face Hub (the "label zoo").
 
-A bank is published as a Hub *dataset* repo holding exactly the bank files (``manifest.json`` and
-its ``shard-*.safetensors``) plus a generated dataset card (``README.md``). Anywhere a bank
-directory is accepted, a name in timm's convention works too::
-
-    hf-hub:ORG/NAME              the head of the default branch
-    hf-hub:ORG/NAME@BRANCH       a branch or tag
-    hf-hub:ORG/NAME@<commit>     an exact commit (40 hex digits): immutable, reproducible
-
-Names are resolved with ``huggingface_hub``, so its cache (``HF_HUB_CACHE``), resumable
-downloads, offline mode (``HF_HUB_OFFLINE=1``), token (``HF_TOKEN``) and endpoint
-(``HF_ENDPOINT``) all apply. The revision is resolved to a commit once, then the manifest and
-every shard it lists are fetched at that commit, so a bank is never assembled from two pushes.
-
-Example:
-    >>> from timm_ferkd.bank.hub import pull_bank
-    >>> hub_bank = pull_bank('hf-hub:my-org/fmnist-resnet18-r500')
-    >>> hub_bank.commit, hub_bank.path      # record the commit for reproducibility
+A bank is published as a Hub *dataset* repo holding the bank files plus a generated card (``README.md``).
+Wherever a bank directory is accepted, a name in timm's convention works too: ``hf-hub:ORG/NAME``,
+``hf-hub:ORG/NAME@BRANCH`` (or tag) or ``hf-hub:ORG/NAME@<commit>`` (immutable). ``huggingface_hub``
+resolves the names, so its cache, offline mode, token and endpoint settings apply. The revision is
+resolved to a commit once and everything is fetched at that commit, so a bank is never assembled from
+two pushes.
 """
 import json
 import os
@@ -52,24 +41,10 @@ _SHARD_FILE = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors')
 
 
 @dataclass(frozen=True)
-class HubBank:
-    """A bank resolved on the Hub.
-
-    Attributes:
-        repo_id: Dataset repo (``ORG/NAME``).
-        revision: The revision asked for (``main`` when the name has none).
-        commit: The commit hash the revision resolved to.
-        path: Local bank directory (in the Hugging Face cache, or ``local_dir``).
-    """
+class _Revision:
     repo_id: str
     revision: str
     commit: str
-    path: Path
-
-    @property
-    def name(self) -> str:
-        """The name as asked for: ``hf-hub:ORG/NAME@REVISION``."""
-        return f'{HF_HUB_PREFIX}{self.repo_id}@{self.revision}'
 
     @property
     def pinned_name(self) -> str:
@@ -78,7 +53,25 @@ class HubBank:
 
 
 @dataclass(frozen=True)
-class PushResult:
+class HubBank(_Revision):
+    """A bank resolved on the Hub.
+
+    Attributes:
+        repo_id: Dataset repo (``ORG/NAME``).
+        revision: The revision asked for (``main`` when the name has none).
+        commit: The commit hash the revision resolved to.
+        path: Local bank directory (in the Hugging Face cache, or ``local_dir``).
+    """
+    path: Path
+
+    @property
+    def name(self) -> str:
+        """The name as asked for: ``hf-hub:ORG/NAME@REVISION``."""
+        return f'{HF_HUB_PREFIX}{self.repo_id}@{self.revision}'
+
+
+@dataclass(frozen=True)
+class PushResult(_Revision):
     """What ``push_bank`` published.
 
     Attributes:
@@ -87,15 +80,7 @@ class PushResult:
         commit: The commit that holds the complete bank (manifest and card).
         url: Web address of the dataset repo.
     """
-    repo_id: str
-    revision: str
-    commit: str
     url: str
-
-    @property
-    def pinned_name(self) -> str:
-        """``hf-hub:ORG/NAME@<commit>``: the published bank, immutable."""
-        return f'{HF_HUB_PREFIX}{self.repo_id}@{self.commit}'
 
 
 def parse_hub_name(name: str) -> Tuple[str, Optional[str]]:
@@ -213,19 +198,6 @@ def resolved_revision(name: str, cache_dir: Optional[os.PathLike] = None) -> str
         return _api().resolve_revision(repo_id, repo_type=REPO_TYPE, revision=revision, cache_dir=cache_dir).resolved
 
 
-def _read_manifest(path: Path, name: str) -> BankManifest:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BankError(f'{name}: {MANIFEST_NAME} is not valid JSON ({e}); the repo is not a usable bank') from None
-    manifest = BankManifest.from_dict(data, source=f'{name} {MANIFEST_NAME}', schema=validate_manifest)
-    for record in manifest.shards:
-        if not _SHARD_FILE.fullmatch(record.file):
-            raise BankError(f'{name}: {MANIFEST_NAME} lists an invalid shard file name {record.file!r}; '
-                            f'the repo is not a usable bank')
-    return manifest
-
-
 def pull_bank(
         name: str,
         local_dir: Optional[os.PathLike] = None,
@@ -262,7 +234,11 @@ def pull_bank(
     where = dict(repo_type=REPO_TYPE, local_dir=local_dir, cache_dir=cache_dir, force_download=force_download)
     with _hub_errors(repo_id, revision):
         manifest_path = Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=commit, **where))
-    manifest = _read_manifest(manifest_path, display)
+    manifest = BankManifest.load(manifest_path, schema=validate_manifest, source=f'{display} {MANIFEST_NAME}')
+    for record in manifest.shards:
+        if not _SHARD_FILE.fullmatch(record.file):
+            raise BankError(f'{display}: {MANIFEST_NAME} lists an invalid shard file name {record.file!r}; '
+                            f'the repo is not a usable bank')
     bank_dir = manifest_path.parent
     if download_shards and manifest.shards:
         shard_files = [r.file for r in manifest.shards]

@@ -14,7 +14,9 @@ from timm_ferkd.bank.format import (
 from timm_ferkd.bank.codes import decode_values, packed_row_bytes, storage_of, unpack_indices
 from timm_ferkd.bank.labels import dense_targets, index_dtype
 from timm_ferkd.bank.regions import SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, Regions, explicit_regions
-from timm_ferkd.bank.validate import validate_manifest, check_safetensors_header, check_shard_metadata, check_shard_values, sample_rows
+from timm_ferkd.bank.validate import (
+    INDEX_DTYPES, VALUE_DTYPES, check_safetensors_header, check_shard_metadata, check_shard_values, sample_rows,
+    validate_manifest)
 from timm_ferkd.bank.writer import sha256_file
 from timm_ferkd.errors import BankError
 
@@ -27,13 +29,12 @@ def _expected_shapes(manifest: BankManifest, num_images: int) -> Dict[str, Tuple
     shapes = {
         'image_sizes': ((num_images, 2), 'I32'),
         'targets': ((num_images,), 'I32'),
-        'topk_values': ((num_images, r, k), 'U8' if storage.value_dtype == 'uint8' else 'F16'),
+        'topk_values': ((num_images, r, k), VALUE_DTYPES[storage.value_dtype].safetensors),
     }
     if storage.bits is not None:
         shapes['topk_indices'] = ((num_images, packed_row_bytes(r, k, storage.bits)), 'U8')
     elif manifest.label_type != 'full':
-        dtype = {'uint8': 'U8', 'uint16': 'U16', 'int32': 'I32'}[manifest.index_dtype]
-        shapes['topk_indices'] = ((num_images, r, k), dtype)
+        shapes['topk_indices'] = ((num_images, r, k), INDEX_DTYPES[manifest.index_dtype][0])
     if manifest.sampler == EXPLICIT_SAMPLER:
         shapes['boxes'] = ((num_images, r, 4), 'F32')
         shapes['flips'] = ((num_images, r), 'U8')
@@ -241,9 +242,8 @@ class SoftLabelBank:
     def read_batch(self, image_indices: Sequence[int], region_ids: np.ndarray) -> 'RegionBatch':
         """Everything a loader needs of the regions ``region_ids`` [m, c] of images ``image_indices`` [m].
 
-        The same boxes, flips and targets as ``regions`` and ``dense_targets`` image by image, in one
-        vectorised pass: for a few regions per image, numpy's per-operation cost, not the arithmetic,
-        is most of a one-image read, so a DataLoader batch is read at once.
+        The same as ``regions`` and ``dense_targets`` image by image, in one vectorised pass: for a few
+        regions per image numpy's per-call cost, not the arithmetic, is most of a one-image read.
 
         Args:
             image_indices: [m] images.

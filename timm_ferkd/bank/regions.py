@@ -4,16 +4,8 @@ A bank stores no boxes. Each region's box and flip bit are a pure function of
 ``(seed, image_index, region_index, image_height, image_width, scale, ratio)``, computed with
 the counter-based generator below, so a bank costs no bytes for its geometry, replay is exact,
 and banks made from several teachers with the same seed share their regions (and can be
-ensembled). The algorithm is part of the bank format (``docs/bank-format.md``): changing
-anything here requires a new ``SAMPLER_VERSION``.
-
-Algorithm (torchvision's RandomResizedCrop, with our own random numbers):
-  For attempt a in 0..9: target_area = H * W * U(scale); aspect = exp(U(log ratio));
-  w = round(sqrt(target_area * aspect)); h = round(sqrt(target_area / aspect));
-  if 0 < w <= W and 0 < h <= H: top = floor(U * (H - h + 1)), left = floor(U * (W - w + 1)).
-  If no attempt fits, the central crop clamped to the ratio range. flip = U < 0.5.
-  Each U is ``uniform(seed, image, region, draw)`` with draw = 4 * attempt + {0: area, 1: aspect,
-  2: top, 3: left} and draw 40 for the flip.
+ensembled). The algorithm (torchvision's RandomResizedCrop with SplitMix64 random numbers) is part of
+the bank format, written out in ``docs/bank-format.md``: changing anything here needs a new ``SAMPLER_VERSION``.
 """
 from dataclasses import dataclass
 from functools import lru_cache
@@ -181,7 +173,7 @@ class RegionSampler:
     def _sample(self, base, height, width, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Boxes and flips of regions ``ids``; ``base`` (image << 24), ``height``, ``width``: scalars or per region.
 
-        The arithmetic, operation by operation, is the module docstring's algorithm in float64:
+        The arithmetic, operation by operation, is the algorithm of ``docs/bank-format.md`` in float64:
         regions whose first attempt fits (nearly all) are done after one set of draws, the others
         retry attempts 1..9 together, and the first fitting attempt of each wins.
         """

@@ -1,26 +1,13 @@
 """One validation of a bank: manifest schema, safetensors headers, shard metadata and label values.
 
 Every reader runs the same checks, at the depth it can afford (``docs/cli.md`` lists who runs which):
+*open* (always) checks the manifest schema, each shard's size, header, tensors and recorded settings when
+it is first mapped, and each image's values when it is first read in a process; *quick*
+(``SoftLabelBank(validate=True)``) adds the values of a sample of each shard's images (:func:`sample_rows`);
+*full* (``verify``, ``push``, ``train_ferkd.py --verify-bank``) every shard's sha256 and every image's values.
 
-* **open** (always, cheap): the manifest schema (:func:`validate_manifest`: types, ranges, shard layout and
-  names), and for each shard when it is first mapped its size, its safetensors header
-  (:func:`check_safetensors_header`, the rules of the safetensors library), its tensors' names, shapes and
-  dtypes, and the settings the shard was written with (:func:`check_shard_metadata`), so a shard of another
-  bank or an edited manifest is refused. Each image's values are checked when it is first read in a
-  process (:func:`check_shard_values` on its row), so no read returns unchecked values.
-* **quick** (``SoftLabelBank(validate=True)``: training start-up, ``inspect``, ``push --no-verify``): every
-  shard opened, plus the values of a sample of images of each shard (:func:`sample_rows`).
-* **full** (``verify``, ``push``, ``train_ferkd.py --verify-bank``): every shard's sha256 against the
-  manifest, then the values of every image.
-
-Value rules (:func:`check_shard_values`): probabilities finite and in [0, 1], top-k values non-increasing,
-class indices below ``num_classes`` and distinct within a region, each region's mass at most
-``1 + MASS_TOLERANCE`` (and at least ``1 - MASS_TOLERANCE`` for ``full`` labels), targets in
-``[0, num_classes)``, image sizes positive, explicit boxes inside the image and flips 0 or 1.
-
-A new value encoding (``value_dtype``) is one entry of :data:`VALUE_DTYPES`: its safetensors dtype and a
-function decoding the stored array to float32 probabilities; the checks run on the decoded values.
-A new manifest field needs an entry in ``_MANIFEST_FIELDS`` (a test checks that every field has one).
+A new value encoding is one entry of :data:`VALUE_DTYPES`; a new manifest field needs an entry in
+``_MANIFEST_FIELDS`` (a test checks that every field has one).
 """
 import dataclasses
 import json
@@ -74,8 +61,6 @@ INDEX_DTYPES.update({f'packed{bits}': ('U8', 1 << bits) for bits in range(1, 32)
 def _corrupt(source: str, what: str) -> BankError:
     return BankError(f'{source}: {what}; the bank is corrupt or was edited: regenerate or re-download it')
 
-
-# ---- manifest schema
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -224,10 +209,8 @@ def _check_object(data: Any, fields: Dict[str, Any], cls, where: str, source: st
 def validate_manifest(data: Any, source: str = 'manifest') -> None:
     """Check a parsed ``manifest.json``: every field's type and range, and the shard layout.
 
-    The format name and version are checked first by ``BankManifest.from_dict``. Shard records must
-    be, in order, the writer's files ``shard-00000.safetensors, ...`` with the contiguous image ranges
-    ``num_images`` and ``images_per_shard`` call for (a manifest may list fewer shards than that: the
-    reader reports it as incomplete).
+    Shard records must be the writer's files and image ranges, in order; fewer than ``num_images`` calls
+    for pass (the reader reports the bank as incomplete).
 
     Args:
         data: The parsed JSON.
@@ -270,15 +253,9 @@ def validate_manifest(data: Any, source: str = 'manifest') -> None:
                                    f'shard {s} must be {expected[0]!r} with images [{first}, {first + expected[2]})')
 
 
-# ---- safetensors headers
-
 def check_safetensors_header(header: Any, data_size: int, source: str) -> None:
-    """Check a safetensors header like the safetensors library does before it reads a tensor.
-
-    The header is a JSON object; ``__metadata__`` (optional) maps strings to strings; every other entry
-    is an object with a known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets``
-    ``[begin, end]`` with ``end - begin`` the tensor's byte size. Sorted by offset, the tensors cover the
-    data section exactly: no negative offset, overlap, hole or trailing byte.
+    """Check a safetensors header like the safetensors library does before it reads a tensor: known
+    dtypes, and tensors that cover the data section exactly (no overlap, hole or trailing byte).
 
     Args:
         header: The parsed header (``read_safetensors_header``).
@@ -320,8 +297,6 @@ def check_safetensors_header(header: Any, data_size: int, source: str) -> None:
     if end != data_size:
         raise bad(f'the tensors cover {end} of the {data_size} data bytes')
 
-
-# ---- shard metadata: which bank settings a shard was written for
 
 def shard_metadata(manifest: BankManifest, shard_index: int) -> Dict[str, Any]:
     """What the writer stores in a shard's header: the bank settings and the shard's image range.
@@ -369,8 +344,6 @@ def check_shard_metadata(header: Dict[str, Any], settings: Dict[str, Any], recor
                         f'differ): the shard belongs to another bank or the manifest was edited; regenerate or '
                         f're-download the bank')
 
-
-# ---- label values
 
 def _mass_tolerance(manifest: BankManifest, k: int) -> float:
     return MASS_TOLERANCE + k * VALUE_DTYPES[manifest.value_dtype].rounding

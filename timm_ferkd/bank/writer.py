@@ -3,17 +3,18 @@ import hashlib
 import json
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from safetensors.numpy import save
 
-from timm_ferkd.bank.format import BankManifest, ShardRecord, shard_file_name
+from timm_ferkd.bank.format import MANIFEST_NAME, BankManifest, ShardRecord, shard_file_name
 from timm_ferkd.errors import BankError, ConfigError
 
 __all__ = ['atomic_write_bytes', 'sha256_file', 'write_shard', 'shard_record_path', 'finished_shards',
-           'discard_unfinished', 'check_resumable']
+           'write_manifest', 'discard_unfinished', 'check_resumable']
 
 _CHUNK = 1 << 20
 _UMASK = os.umask(0)
@@ -128,6 +129,25 @@ def finished_shards(bank_dir: os.PathLike, manifest: BankManifest) -> Dict[int, 
         if path.is_file() and path.stat().st_size == record.bytes:
             done[s] = record
     return done
+
+
+def write_manifest(bank_dir: os.PathLike, manifest: BankManifest) -> None:
+    """Record every shard in the manifest and write it, last: a bank with a manifest is complete.
+
+    Args:
+        bank_dir: Bank directory being written.
+        manifest: The bank's manifest; its ``shards`` and ``created`` are set here.
+
+    Raises:
+        BankError: A shard is not finished.
+    """
+    done = finished_shards(bank_dir, manifest)
+    missing = [s for s in range(manifest.num_shards) if s not in done]
+    if missing:
+        raise BankError(f'shards {missing} were not written; rerun the same command to finish the bank')
+    manifest.shards = [done[s] for s in range(manifest.num_shards)]
+    manifest.created = datetime.now(timezone.utc).isoformat(timespec='seconds')
+    atomic_write_bytes(Path(bank_dir) / MANIFEST_NAME, manifest.to_json().encode())
 
 
 def discard_unfinished(bank_dir: os.PathLike, manifest: BankManifest, settings_name: str, created: bool) -> None:

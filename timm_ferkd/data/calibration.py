@@ -1,25 +1,14 @@
 """Label transforms for stored region labels: FerKD calibration, probability shift, re-tempering.
 
-Region categories (FerKD, ICCV 2023), decided by the teacher's stored confidence on a region,
-``m = max_c y_s(c)`` (the first stored value of the region in the bank)::
+FerKD (ICCV 2023) categorises each region by the teacher's stored confidence ``m = max_c y_s(c)``
+(before any re-tempering or shift); the dataset samples only non-discarded regions::
 
     CATEGORY_DISCARD (-1)  m < T_L or m > T_T   uninformative region: never sampled
     CATEGORY_HARD    (1)   T_L <= m < T_M       hard region: softened ground-truth label
     CATEGORY_SOFT    (0)   T_M <= m <= T_T      informative region: the teacher's label
 
-Categories are computed once per bank with :meth:`FerKDCalibration.categorize` (vectorised over
-``bank.all_max_probs()``); the dataset samples training regions among non-discarded ones only, so
-a discarded region never costs a forward pass. ``m`` is always the *stored* confidence, before
-any re-tempering or probability shift.
-
-Per-crop label transforms run in this fixed order (see :func:`create_label_transform`):
-
-1. :class:`Retemper`: ``softmax(log q / T)`` of the stored label (FKD labels at another temperature),
-2. :class:`ProbabilityShift`: swap the values at the argmax and the ground truth (Preparing Lessons),
-3. :class:`FerKDCalibration`: replace the label of hard regions by the softened ground truth.
-
-Calibration comes last because it replaces whole rows: a softened hard label must keep exactly
-``1 - eps`` on the ground truth, which re-tempering would change.
+Calibration is the last transform (see :func:`create_label_transform`) because it replaces whole rows:
+a softened hard label must keep exactly ``1 - eps`` on the ground truth, which re-tempering would change.
 """
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -87,12 +76,10 @@ def tie_broken(max_probs: np.ndarray) -> np.ndarray:
 class CalibrationConfig:
     """FerKD region calibration options.
 
-    With ``quantile=False`` the thresholds are absolute confidences. With ``quantile=True`` they are
-    fractions of the bank's max-prob distribution, resolved by :meth:`resolve`: ``low=0.05`` discards
-    the 5% least confident regions, ``top=0.99`` the 1% most confident ones, ``mid=0.3`` calibrates
-    the regions between the 5% and 30% quantiles. Quantiles use numpy's default (linear) method on
-    :func:`tie_broken` confidences, so they hold where many regions share a stored value (a confident
-    teacher's fp16 bank stores 1.0 for a quarter of its regions or more).
+    With ``quantile=True`` the thresholds are quantiles of the bank's confidences, resolved by
+    :meth:`resolve` (``low=0.05`` discards the 5% least confident regions); taken on :func:`tie_broken`
+    confidences, they hold where many regions share a stored value (a confident teacher's fp16 bank
+    stores 1.0 for a quarter of its regions or more).
 
     The defaults (0, None, 1) keep every region with its teacher label, i.e. plain FKD.
 

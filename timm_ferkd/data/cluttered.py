@@ -1,34 +1,17 @@
 """Cluttered Fashion-MNIST: each garment at a random place on a larger canvas, among fragments of others.
 
 FerKD's region calibration matters when random crops can miss the object, as on ImageNet; on plain
-Fashion-MNIST the garment fills the image and every crop shows it. This dataset moves each 28x28
-image (resized by a random factor) to a random position on a black ``canvas x canvas`` image and
-adds ``fragments`` square patches cut from random *other* images of the same split, as Jaderberg et
-al.'s cluttered MNIST (Spatial Transformer Networks, 2015). With the defaults (64x64 canvas, object
-scale 0.8-1.2, eight 6-10 px fragments) the object's box is a fifth of the canvas: of the crops that
-RandomResizedCrop(0.08, 1) cuts, 16% cover less than a quarter of the box, and of the small ones
-(area < 30% of the canvas) 16% miss it entirely and 75% are mostly background and clutter.
+Fashion-MNIST the garment fills the image. Here each 28x28 image (randomly resized) sits at a random
+place on a black canvas among square fragments of *other* images of the split, as in Jaderberg et al.'s
+cluttered MNIST (Spatial Transformer Networks, 2015). With the defaults the object's box is a fifth of
+the canvas: of the small crops RandomResizedCrop(0.08, 1) cuts (area < 30%), 16% miss it entirely and
+75% are mostly background and clutter.
 
-Name (timm style, after the prefix; see :func:`parse_cluttered_name`)::
-
-    ferkd-cluttered/fashion_mnist
-    ferkd-cluttered/fashion_mnist:canvas=80,scale=0.8-1.2,fragments=8,fragment_size=6-10,seed=1
-
-Composition: every pixel is the maximum of the object and of the fragments covering it (max
-blending, as overlapping transparencies): the bright garment is never hidden, fragments show only
-through its dark background, and the order of drawing does not matter. Where the object's resized
-pixels are brighter than any fragment there, the canvas holds them exactly.
-
-Randomness is counter based (SplitMix64 of (seed, split, image, slot, draw)), so image ``i`` does not
-depend on how many images are built, adding fragments keeps the object and the earlier fragments,
-and the bytes are the same on every platform and numpy version. Resizing is bilinear in integer
-arithmetic for the same reason.
-
-Images are built once from the IDX files in ``<root>/FashionMNIST/raw/`` (what torchvision reads;
-``timm_ferkd.data.fashion_mnist.ensure_fashion_mnist`` prepares them; nothing is downloaded unless
-``download=True``) and cached as ``.npy`` files in ``<root>/FerKDClutteredFashionMNIST/<key>/``, where
-the key hashes the parameters and :data:`CLUTTER_VERSION`. Run ``python -m timm_ferkd.data.cluttered
---data-dir DIR --plot FILE.png`` to build the cache, time it and draw samples.
+Pixels are the maximum of the object and the fragments (max blending): the bright garment is never
+hidden and the drawing order does not matter. Randomness is counter based (SplitMix64 of (seed, split,
+image, slot, draw)) and resizing is integer bilinear, so image ``i`` does not depend on how many images
+are built and the bytes are the same on every platform. ``python -m timm_ferkd.data.cluttered --data-dir
+DIR --plot FILE.png`` builds the cache, times it and draws samples.
 """
 import argparse
 import gzip
@@ -161,8 +144,6 @@ def _format_value(value: Any) -> str:
     return repr(value)
 
 
-# ---------------------------------------------------------------------------------------------- names
-
 _NUMBER = r'(?:\d+(?:\.\d*)?|\.\d+)'
 _RANGE_RE = re.compile(rf'^({_NUMBER})(?:-({_NUMBER}))?$')
 _INT_RE = re.compile(r'^\d+$')
@@ -237,8 +218,6 @@ def cluttered_split(split: str) -> str:
     return _SPLITS[key]
 
 
-# --------------------------------------------------------------------------------------------- source
-
 def read_idx(path: os.PathLike) -> np.ndarray:
     """An IDX file (MNIST's format: unsigned bytes, big-endian dimensions) as a uint8 array.
 
@@ -264,16 +243,15 @@ def read_idx(path: os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def load_fashion_mnist(root: os.PathLike, split: str, download: bool = False, base: str = 'fashion_mnist'):
+def load_fashion_mnist(root: os.PathLike, split: str, download: bool = False):
     """(images uint8 [N, 28, 28], targets int64 [N]) of a split, read from ``<root>/FashionMNIST/raw``.
 
     Args:
         root: Data directory.
         split: 'train' or 'test'.
         download: Prepare the files first (Debian package or torchvision download) when missing.
-        base: Source dataset.
     """
-    folder = Path(root) / _SOURCES[base][0] / 'raw'
+    folder = Path(root) / _SOURCES['fashion_mnist'][0] / 'raw'
     prefix = _IDX_PREFIX[split]
     images_path, labels_path = folder / f'{prefix}-images-idx3-ubyte', folder / f'{prefix}-labels-idx1-ubyte'
 
@@ -293,8 +271,6 @@ def load_fashion_mnist(root: os.PathLike, split: str, download: bool = False, ba
         raise ConfigError(f'{folder}: images {images.shape} and labels {labels.shape} are not Fashion-MNIST')
     return images, labels.astype(np.int64)
 
-
-# ------------------------------------------------------------------------------------------ rendering
 
 # draws of slot 0 (the object) and of slots 1.. (one per fragment)
 _OBJ_SCALE, _OBJ_TOP, _OBJ_LEFT = 0, 1, 2
@@ -356,10 +332,8 @@ def render_cluttered(
         count: Optional[int] = None,
         layers: str = 'all',
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Build the first ``count`` cluttered images of a split (vectorised over images).
-
-    Image ``i`` is the same whatever ``count`` is: fragments are cut from any image of ``images``,
-    and the random draws of image ``i`` depend only on (seed, split, i).
+    """Build the first ``count`` cluttered images of a split (vectorised over images; image ``i`` is the same
+    whatever ``count`` is).
 
     Args:
         images: uint8 [N, 28, 28], the whole source split (the fragments' pool).
@@ -414,8 +388,6 @@ def render_cluttered(
     return canvas, boxes
 
 
-# -------------------------------------------------------------------------------------------- caching
-
 _ARRAYS = ('images', 'targets', 'boxes')
 
 
@@ -461,7 +433,7 @@ def materialize_cluttered(
         download: bool = False,
         cache: bool = True,
 ) -> Tuple[Dict[str, np.ndarray], Optional[Path]]:
-    """The arrays of a split, from the cache or built (and cached) from the IDX files.
+    """The arrays of a split, from the cache (``<root>/FerKDClutteredFashionMNIST/<key>/``) or built from the IDX files.
 
     Args:
         root: Data directory holding ``FashionMNIST/raw``.
@@ -499,8 +471,6 @@ def materialize_cluttered(
         return arrays, None
     return arrays, folder
 
-
-# -------------------------------------------------------------------------------------------- dataset
 
 class ClutteredFashionMNIST(Dataset):
     """Cluttered Fashion-MNIST as a map-style dataset that behaves like torchvision's ``FashionMNIST``.
@@ -632,8 +602,6 @@ def create_cluttered_dataset(
     return ClutteredFashionMNIST(root, split, ClutterConfig(**values), transform=transform,
                                  target_transform=target_transform, image_mode=image_mode, download=download)
 
-
-# -------------------------------------------------------------------------------------------- picture
 
 def plot_cluttered_samples(
         dataset: ClutteredFashionMNIST,

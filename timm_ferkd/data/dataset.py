@@ -1,19 +1,9 @@
 """Region-replay dataset: decode an image once, replay ``num_crops`` of its stored regions.
 
-Item ``i`` of :class:`RegionDataset` is image ``i`` of the wrapped timm dataset. It returns
-``num_crops`` crops of that image, each cut by :func:`timm_ferkd.bank.regions.replay_region` with a
-stored box and flip (the function the teacher's crops were made with, so the student sees exactly
-the region its label describes), resized to the student's input size with the student's
-interpolation, optionally colour-jittered, as uint8. Normalisation happens later, on the device
-(see :mod:`timm_ferkd.data.loader`).
-
-Region choice: each epoch, the crops of an image are distinct regions drawn uniformly without
-replacement from the image's *eligible* regions (all of them, or those that FerKD calibration does
-not discard). When an image has fewer eligible regions than ``num_crops``, every eligible region is
-used once and the remaining crops repeat eligible regions drawn with replacement. The draw is a
-pure function of (seed, epoch, image index), so every rank, worker and resumed run makes the same
-choice; epochs are passed to workers with the index (see :class:`EpochKey`), so persistent workers
-stay in step with :meth:`RegionDataset.set_epoch`.
+Crops are cut by :func:`timm_ferkd.bank.regions.replay_region`, the function the teacher's crops were
+made with, so the student sees exactly the region its label describes; normalisation happens later, on
+the device. Region choice is a pure function of (seed, epoch, image index), so every rank, worker and
+resumed run makes the same choice; :class:`EpochKey` carries the epoch to persistent workers.
 """
 import logging
 import os
@@ -123,11 +113,9 @@ class RegionDataset(Dataset):
         num_classes: The student's class count, checked against the bank when given.
 
     Attributes:
-        categories: int8 [num_images, R] category of every region (``CATEGORY_*``), computed once from
-            ``bank.all_max_probs()``; None without calibration (every region soft).
+        categories: int8 [num_images, R] category of every region (``CATEGORY_*``); None without calibration.
         num_eligible: int64 [num_images], non-discarded regions per image.
-        fallback_images: Images whose every region calibration would discard; they keep all their regions
-            (below T_L as hard, above T_T as soft), so no image leaves the epoch.
+        fallback_images: Images whose every region calibration would discard: they keep them all.
         label_transform: The composed per-crop label transform.
 
     Raises:

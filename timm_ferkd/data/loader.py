@@ -1,40 +1,16 @@
 """Multi-crop region loader: workers decode and replay, the device normalises, mixes and regroups.
 
-Each worker decodes an image once and cuts ``num_crops`` (K) crops of it. How those crops become
-optimizer steps is the *crop layout*:
+Each worker decodes an image once and cuts ``num_crops`` (K) crops of it; the *crop layout* makes steps
+of them. ``'spread'`` (default) loads a window of B images, mixes within images, and regroups it into K
+steps, step j holding crop j of every image: B distinct images per step (the gradient and BatchNorm
+statistics of plain training) with decoding still amortised over K crops. ``'image'`` makes FKD's
+image-major steps of B / K images x K crops. Workers send uint8 crops (4x less to pin and copy than
+float32), normalised on the device like timm's ``PrefetchLoader``.
 
-* ``'spread'`` (default): a window of B images (B = ``batch_size``) is loaded at once, SelfMix mixes
-  crops within each image of the window, and the window is regrouped into K steps: step j holds
-  crop j of every image of the window. Every step holds B crops of B *different* images (the
-  gradient and BatchNorm statistics of plain training), while decoding is still amortised over K
-  crops. The FKD reference reaches the same end with single-crop epochs at the end of its schedule.
-* ``'image'``: a step holds B / K images x K crops, image-major (the FKD reference's multi-crop
-  batches: the crops of one image are neighbouring rows).
-
-Workers send uint8 crops (4x less to pin and copy than float32); the prefetcher moves them to the
-device on a side stream (CUDA) and converts and normalises them there, like timm's ``PrefetchLoader``.
-
-Each iteration yields ``(input, target)``:
-
-* ``input``: float [B, C, H, W] (``img_dtype``), normalised with ``mean`` / ``std``,
-* ``target``: dict of tensors on the device:
-
-  - ``'soft'``: float32 [B, num_classes], rows sum to 1 (adapted and, with SelfMix, mixed labels),
-  - ``'label'``: long [B], ground-truth class of the crop's image,
-  - ``'weight'``: float32 [B], ones (discarded regions are never sampled, so no crop is masked),
-  - ``'category'``: int8 [B], ``CATEGORY_SOFT`` (0) or ``CATEGORY_HARD`` (1),
-  - ``'image'``: long [B], index of the crop's image in the dataset,
-  - ``'region'``: long [B], the replayed region's index in the bank,
-  - with mixing: ``'lam'`` float32 [B] and ``'partner_region'`` long [B], the bank region of the
-    same image whose crop was mixed in (the crop's own region when it was not mixed).
-
-Determinism: image order comes from the sampler (seed, epoch), regions and jitter from the
-dataset (seed, epoch, image) and mixing from (seed, epoch, rank), so ``set_epoch(e)`` replays epoch
-``e`` exactly, for any number of workers and after a resume. One pass over the data is one *image*
-epoch: every image decoded once, ``num_crops`` crops each (FKD's reference code counts it as
-``num_crops`` epochs); it has ``num_crops`` times as many steps as a plain epoch of the same batch size.
+One pass is one *image* epoch (every image decoded once; FKD's code counts it as K epochs), with K times
+the steps of a plain epoch. ``set_epoch(e)`` replays epoch ``e`` exactly, for any number of workers and
+after a resume: order, regions, jitter and mixing are keyed by the seed and the epoch.
 """
-import logging
 from contextlib import suppress
 from functools import partial
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
@@ -47,11 +23,10 @@ from torch.utils.data.distributed import DistributedSampler
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from timm_ferkd.data.dataset import EpochKey, RegionDataset, collate_regions
+from timm_ferkd.data.source import stats_for_chans
 from timm_ferkd.errors import ConfigError
 
 __all__ = ['CROP_LAYOUTS', 'RegionLoader', 'EpochKeySampler', 'create_region_loader']
-
-_logger = logging.getLogger(__name__)
 
 CROP_LAYOUTS = ('spread', 'image')
 
@@ -91,19 +66,13 @@ class EpochKeySampler(Sampler):
         return getattr(self.sampler, 'rank', 0)
 
 
-def _adapt_to_chans(values: Sequence[float], chans: int, name: str) -> Tuple[float, ...]:
-    values = tuple(float(v) for v in (values if isinstance(values, (tuple, list)) else (values,)))
-    if len(values) == chans:
-        return values
-    if len(values) == 1:
-        return values * chans
-    # timm's convention: a 3-channel mean for a 1-channel model becomes its average
-    _logger.info(f'{name} has {len(values)} values for {chans} channel(s): using their mean')
-    return (sum(values) / len(values),) * chans
-
-
 class RegionLoader:
-    """Iterable over device-ready multi-crop steps (see the module docstring for the format).
+    """Iterable over device-ready multi-crop steps ``(input, target)``.
+
+    ``input`` is float [B, C, H, W] (``img_dtype``), normalised; ``target`` holds the dataset's per-crop
+    tensors (see :class:`~timm_ferkd.data.dataset.RegionDataset`) plus ``'weight'`` (float32 [B], ones:
+    discarded regions are never sampled) and, with mixing, ``'lam'`` (float32 [B]) and ``'partner_region'``
+    (long [B], the bank region mixed in; the crop's own when it was not mixed).
 
     Args:
         loader: The DataLoader over a :class:`RegionDataset` with an :class:`EpochKeySampler`; one of its
@@ -139,9 +108,9 @@ class RegionLoader:
         chans = loader.dataset.input_size[0]
         shape = (1, chans, 1, 1)
         # uint8 in, so the stats scale by 255 instead of dividing the batch first
-        self.mean = torch.tensor([m * 255 for m in _adapt_to_chans(mean, chans, 'mean')], device=device,
+        self.mean = torch.tensor([m * 255 for m in stats_for_chans(mean, chans)], device=device,
                                  dtype=img_dtype).view(shape)
-        self.std = torch.tensor([s * 255 for s in _adapt_to_chans(std, chans, 'std')], device=device,
+        self.std = torch.tensor([s * 255 for s in stats_for_chans(std, chans)], device=device,
                                 dtype=img_dtype).view(shape)
         self.is_cuda = device.type == 'cuda' and torch.cuda.is_available()
         self.stream = None
@@ -187,11 +156,8 @@ class RegionLoader:
             self.mixing.mix_enabled = bool(value)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select epoch ``epoch`` everywhere: image order, region choice, jitter and mixing.
-
-        The same as timm's ``loader.sampler.set_epoch(epoch)``: the dataset and the mixing follow the
-        sampler's epoch when an iteration starts.
-        """
+        """Select epoch ``epoch`` everywhere (image order, regions, jitter, mixing), as timm's
+        ``loader.sampler.set_epoch(epoch)`` does: the dataset and the mixing follow the sampler's epoch."""
         self.sampler.set_epoch(epoch)
 
     def _follow_sampler_epoch(self) -> None:
@@ -270,14 +236,9 @@ def create_region_loader(
 ) -> RegionLoader:
     """Create a multi-crop loader over a :class:`RegionDataset`, in the style of ``timm.data.create_loader``.
 
-    ``batch_size`` counts crops per step. With ``crop_layout='spread'`` a step holds ``batch_size``
-    distinct images (one crop each) and a DataLoader batch of ``batch_size`` images makes ``num_crops``
-    steps; with ``'image'`` a step holds ``batch_size // num_crops`` images x ``num_crops`` crops, so
-    ``batch_size`` must be a multiple of ``num_crops``.
-
     Args:
         dataset: The region dataset.
-        batch_size: Crops per step (per rank).
+        batch_size: Crops per step (per rank); a multiple of ``num_crops`` with the ``'image'`` layout.
         is_training: Shuffle images (per epoch) and drop the last incomplete step (or window).
         num_workers: DataLoader worker processes.
         distributed: Split images over ranks with a ``DistributedSampler`` (each rank sees distinct images).

@@ -1,26 +1,10 @@
 """SelfMix (FerKD): Mixup/CutMix of each crop with another crop of the same image, on the device.
 
-It works on the loader's output, a normalised float batch ``x`` [B, C, H, W] and the target dict
-(see :mod:`timm_ferkd.data.loader`), and mixes the dense soft targets with the same ``lam`` as the
-pixels. The batch is image-major (rows ``[i * num_crops, (i + 1) * num_crops)`` are the crops of one
-image), and each group is rotated by a random non-zero shift, a derangement within the group. Mixed
-input and mixed label stay close, which is why FerKD uses it with pre-generated soft labels.
-
-With the loader's ``'spread'`` crop layout a batch is a window of ``num_crops`` steps (step j is
-crop j of every image) mixed before it is regrouped; ``mode='batch'`` then draws once per step.
-
-Mixup: ``x = lam x_a + (1 - lam) x_b``. CutMix: a box of ``x_b`` pasted into ``x_a`` (timm's box
-sampler) with ``lam`` set to the exact unpasted area fraction. ``lam ~ Beta(alpha, alpha)``, one per
-batch (``mode='batch'``) or one per crop (``'pair'``/``'elem'``, the same thing here because every
-crop has its own partner). As in timm, ``mixup_alpha > 0`` and ``cutmix_alpha > 0`` together switch
-between the two with probability ``switch_prob`` of CutMix; ``method`` forces one.
-
-After mixing, the target dict has ``'soft'`` mixed, ``'label'`` unchanged (for SelfMix the same
-image's class), plus ``'lam'`` (float [B], the weight of the crop's own label) and ``'partner'``
-(long [B], the row it was mixed with; itself when it was not mixed).
-
-Random draws come from a numpy generator keyed by (seed, epoch, rank) and reset by ``set_epoch``,
-so a resumed run mixes the same way.
+The batch is image-major (``num_crops`` consecutive rows per image) and each group is rotated by a
+random non-zero shift, so every crop is mixed with another crop of its own image and the mixed input
+stays close to its mixed label. Pixels and dense soft targets share ``lam``; CutMix uses timm's box
+sampler with ``lam`` set to the exact unpasted area. Draws come from a numpy generator keyed by
+(seed, epoch, rank), so a resumed run mixes the same way.
 """
 from typing import Dict, Optional, Tuple
 
@@ -36,7 +20,7 @@ LAM_MODES = ('batch', 'pair', 'elem')
 
 
 class SelfMix:
-    """FerKD's SelfMix: Mixup/CutMix between crops of the same image (see the module docstring).
+    """FerKD's SelfMix: Mixup/CutMix between crops of the same image.
 
     Args:
         num_crops: Crops per image; the batch holds ``B / num_crops`` images, image-major. >= 2.
@@ -161,19 +145,17 @@ class SelfMix:
             target: Target dict with ``'soft'`` float [B, C].
 
         Returns:
-            (mixed inputs, a new target dict with ``'soft'`` mixed and ``'lam'``, ``'partner'`` added).
+            (mixed inputs, a new target dict with ``'soft'`` mixed, plus ``'lam'`` (float [B], the weight of
+            the crop's own label) and ``'partner'`` (long [B], the row it was mixed with, itself if unmixed)).
         """
         n, _, height, width = x.shape
         device = x.device
         partner = self._partner(n)
         target = dict(target)
-        if not self.mix_enabled:
-            applied = np.zeros(n, dtype=bool)
-            lam = np.ones(n)
-            use_cutmix = applied
-            boxes = (np.zeros(n, dtype=np.int64),) * 4
-        else:
+        if self.mix_enabled:
             applied, use_cutmix, lam, *boxes = self._draw(n, height, width)
+        else:  # nothing is mixed, so neither use_cutmix nor boxes is read
+            applied, lam = np.zeros(n, dtype=bool), np.ones(n)
         partner = np.where(applied, partner, np.arange(n))
         lam_t = torch.from_numpy(lam.astype(np.float32)).to(device, non_blocking=True)
         target['lam'] = lam_t

@@ -1,10 +1,5 @@
-"""Example regions of each FerKD calibration category, drawn on their images.
-
-``timm-ferkd inspect BANK --show-regions N --plot FILE.png`` shows, for the thresholds a training
-run would use (:class:`~timm_ferkd.data.calibration.CalibrationConfig`), N random regions the
-calibration discards, N it replaces by the softened ground truth (hard) and N it keeps with the
-teacher's label (soft), each as its box on the decoded image with the teacher's max probability.
-It lives in ``data/`` because it needs the images; ``bank/`` stays free of dataset code.
+"""Example regions of each FerKD calibration category, drawn on their images (``timm-ferkd inspect
+--show-regions N --plot FILE.png``). It lives in ``data/`` because it needs the images.
 """
 import os
 from dataclasses import dataclass

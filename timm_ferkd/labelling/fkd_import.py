@@ -21,10 +21,8 @@ Since torch 2.6 ``torch.load`` refuses these files unless ``weights_only=False``
 execute whatever the pickle says. Here they are loaded with ``weights_only=True`` and an allowlist
 of exactly the numpy globals such files need; anything else is refused before it can run.
 
-The bank keeps the stored boxes (``sampler = 'explicit'``, shard tensors ``boxes`` and ``flips``):
-the seeded sampler cannot reproduce FKD's random boxes. Values are stored as float16, or with
-``value_dtype='uint8'`` as 8-bit codes with bit-packed indices (``timm_ferkd.bank.codes``); ``hard``
-labels keep no probability, so their stored value is 1.
+The bank keeps the stored boxes (``sampler = 'explicit'``): the seeded sampler cannot reproduce FKD's
+random boxes. ``hard`` labels keep no probability, so their stored value is 1.
 """
 import json
 import logging
@@ -33,17 +31,16 @@ import pickle
 import re
 import zipfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from timm_ferkd.bank.format import (
-    EXPLICIT_SAMPLER, MANIFEST_NAME, BankManifest, TeacherInfo)
+from timm_ferkd.bank.format import EXPLICIT_SAMPLER, BankManifest, TeacherInfo
 from timm_ferkd.bank.codes import label_storage, label_tensors
 from timm_ferkd.bank.validate import shard_metadata
-from timm_ferkd.bank.writer import atomic_write_bytes, check_resumable, discard_unfinished, finished_shards, write_shard
+from timm_ferkd.bank.writer import (
+    atomic_write_bytes, check_resumable, discard_unfinished, finished_shards, write_manifest, write_shard)
 from timm_ferkd.errors import BankError, ConfigError, FerKDError
 
 __all__ = [
@@ -410,14 +407,8 @@ def import_fkd(cfg: FKDImportConfig) -> FKDImportReport:
         raise
     report.filled = len(missing)
 
-    done = finished_shards(out, manifest)
-    lost = [s for s in range(manifest.num_shards) if s not in done]
-    if lost:
-        raise BankError(f'shards {lost} were not written; rerun the same command to finish the bank')
-    manifest.shards = [done[s] for s in range(manifest.num_shards)]
-    manifest.created = datetime.now(timezone.utc).isoformat(timespec='seconds')
     atomic_write_bytes(out / REPORT_NAME, (json.dumps(asdict(report), indent=2) + '\n').encode())
-    atomic_write_bytes(out / MANIFEST_NAME, manifest.to_json().encode())
+    write_manifest(out, manifest)
     return report
 
 

@@ -1,10 +1,8 @@
 """Teacher -> bank: label R regions of every image once (distributed, resumable).
 
-Work is split by shard. Under ``torchrun`` rank r labels the shards s with ``s % world == r``;
-each shard's crops are batched identically whatever the number of processes, so a bank made
-by N processes is byte-identical to one made by a single process with the same seed. A shard
-is written to a temporary file, renamed, and only then recorded; a killed job rerun with the
-same command skips recorded shards and redoes the rest.
+Under ``torchrun`` rank r labels the shards s with ``s % world == r``, each batched identically
+whatever the number of processes, so a bank made by N processes is byte-identical to one made by
+one. A killed job rerun with the same command skips the recorded shards and redoes the rest.
 """
 import json
 import logging
@@ -12,7 +10,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -23,17 +20,16 @@ import torch.nn.functional as F
 from timm.utils.distributed import init_distributed_device_so
 from torch.utils.data import DataLoader, Dataset
 
-from timm_ferkd.bank.format import (
-    MANIFEST_NAME, BankManifest, ShardRecord, TeacherInfo)
+from timm_ferkd.bank.format import BankManifest, ShardRecord, TeacherInfo
 from timm_ferkd.bank.codes import label_storage, label_tensors
 from timm_ferkd.bank.labels import LABEL_TYPES, stored_k, top_values
 from timm_ferkd.bank.regions import (
     SAMPLER_NAME, SAMPLER_VERSION, RegionSampler, check_region_params, pil_interpolation, replay_region)
 from timm_ferkd.bank.validate import shard_metadata
 from timm_ferkd.bank.writer import (
-    atomic_write_bytes, check_resumable, discard_unfinished, finished_shards, sha256_file, write_shard)
+    atomic_write_bytes, check_resumable, discard_unfinished, finished_shards, sha256_file, write_manifest, write_shard)
 from timm_ferkd.data.source import ImageSource, create_image_source, image_mode_for_chans, stats_for_chans
-from timm_ferkd.errors import BankError, ConfigError
+from timm_ferkd.errors import ConfigError
 from timm_ferkd.losses import feature_normalized_logits
 
 __all__ = ['GenerateConfig', 'generate_bank', 'resume_settings', 'BYTE_NEUTRAL_OPTIONS']
@@ -203,9 +199,8 @@ def _teacher_info(cfg: GenerateConfig, model) -> TeacherInfo:
 def resume_settings(cfg: GenerateConfig, manifest: BankManifest) -> dict:
     """What a rerun must share with the run that started a bank (``generation.json``).
 
-    The manifest's settings, plus the execution options that change the shards' bytes: device type,
-    mixed precision and its dtype, crops per forward, and channels-last on CUDA. Only the options in
-    ``BYTE_NEUTRAL_OPTIONS`` are left out, so a resume never mixes labels of another precision.
+    The manifest's settings plus every execution option but ``BYTE_NEUTRAL_OPTIONS`` (device type, mixed
+    precision, crops per forward, ...), so a resume never mixes labels of another precision.
 
     Args:
         cfg: Generation options.
@@ -288,13 +283,7 @@ def _generate(cfg, manifest, settings, source, model, teacher, device, out: Path
     if world > 1:
         dist.barrier()
     if rank == 0:
-        done = finished_shards(out, manifest)
-        missing = [s for s in range(manifest.num_shards) if s not in done]
-        if missing:
-            raise BankError(f'shards {missing} were not written; rerun the same command to finish the bank')
-        manifest.shards = [done[s] for s in range(manifest.num_shards)]
-        manifest.created = datetime.now(timezone.utc).isoformat(timespec='seconds')
-        atomic_write_bytes(out / MANIFEST_NAME, manifest.to_json().encode())
+        write_manifest(out, manifest)
     if world > 1:
         dist.barrier()
 
