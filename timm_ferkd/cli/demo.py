@@ -15,7 +15,7 @@ def register(subparsers) -> None:
         'demo', help='run the Fashion-MNIST demo: teacher, bank, plain/FKD/FerKD students, table and plot',
         description='Train a small teacher on Fashion-MNIST, label regions into a bank, train the same student '
                     'plainly, with FKD and with FerKD (calibration + SelfMix), then print top-1 per method and '
-                    'write a convergence plot. About eight minutes on two CPU cores with the defaults. Installs '
+                    'write a convergence plot. About 12 to 14 minutes on two CPU cores with the defaults. Installs '
                     f'Debian\'s {DEBIAN_PACKAGE} when it can (root, apt-get), else downloads with torchvision.')
     defaults = DemoConfig()
     for f in fields(DemoConfig):
