@@ -32,6 +32,7 @@ class DemoConfig:
         teacher: timm teacher model.
         student: timm student model.
         teacher_epochs: Teacher training epochs, on the training images outside the validation split.
+        teacher_images: Teacher training images, the first N (0: every image outside the validation split).
         epochs: Offline student epochs; plain training gets ``epochs * num_crops`` (the same steps).
         regions: Regions labelled per image.
         num_crops: Crops replayed per decoded image.
@@ -50,6 +51,7 @@ class DemoConfig:
     teacher: str = 'test_resnet'
     student: str = 'test_resnet'
     teacher_epochs: int = 4
+    teacher_images: int = 0
     epochs: int = 4
     regions: int = 24
     num_crops: int = 4
@@ -108,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> List[dict]:
     if not (teacher_dir / 'model_best.pth.tar').is_file():
         _run('1/5 train the teacher', [
             py, '-m', 'train_ferkd', *common, '--model', cfg.teacher, '--experiment', 'teacher',
-            '--train-subset', str(holdout), '--val-split', f'train[{holdout}:]', '--epochs', str(cfg.teacher_epochs),
+            '--train-subset', str(min(cfg.teacher_images or holdout, holdout)), '--val-split', f'train[{holdout}:]', '--epochs', str(cfg.teacher_epochs),
             '-b', str(cfg.batch_size),
             # no label smoothing: it flattens the teacher's probabilities, which is what students learn from
             '--lr', '0.1', '--scale', '0.35', '1', '--smoothing', '0'], logs / 'teacher.log')
@@ -149,7 +151,8 @@ def run_demo(cfg: DemoConfig) -> List[dict]:
     rows = [dict(method=name, description=desc, final=r.final_top1, best=r.best_top1)
             for (name, desc, _), r in zip(methods, loaded)]
     lines = [f'Fashion-MNIST demo: student {cfg.student} on {cfg.images} training images, teacher {cfg.teacher} '
-             f'(validation top-1 {teacher_run.best_top1:.2f}, trained on {holdout} images), '
+             f'(validation top-1 {teacher_run.best_top1:.2f}, trained on {min(cfg.teacher_images or holdout, holdout)} '
+             f'images), '
              f'{cfg.epochs * cfg.num_crops} crops seen per image, the same optimizer steps for every method, '
              f'top-1 on the 10,000 test images',
              f'{"method":<8} {"final top-1":>11} {"best top-1":>10}  description']
