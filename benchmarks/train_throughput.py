@@ -127,6 +127,7 @@ def prepare_images(folder: Path, args: argparse.Namespace) -> None:
     """Write the synthetic JPEG folder unless it exists (see ``loader_throughput.make_jpeg_folder``)."""
     from loader_throughput import make_jpeg_folder
     if folder.is_dir():
+        args.num_images = sum(1 for _ in folder.rglob('*.jpg'))  # a reused --data-dir keeps its own images
         return
     start = time.perf_counter()
     make_jpeg_folder(folder, args.num_images, args.width, args.height, num_classes=args.num_classes)
