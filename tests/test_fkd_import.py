@@ -299,12 +299,17 @@ def test_label_type_and_class_errors(image_folder, tmp_path):
         run_import(tmp_path, image_folder, tmp_path / 'd', 'marginal_smoothing_k5')
 
 
-def test_regions_must_agree(image_folder, tmp_path):
-    src = tmp_path / 'fkd'
+def _label_folder_with_doubled_regions(src, image_folder):
+    """An FKD label folder in which one image stores twice the regions of the others."""
     stored = write_label_folder(src, image_folder, 'hard', fp16=False)
     coords, flip, quantized = stored['fish/f1.png']
     torch.save([np.concatenate([coords, coords]), np.concatenate([flip, flip]), np.concatenate([quantized] * 2)],
                fkd_path(src, 'fish/f1.png'))
+    return src
+
+
+def test_regions_must_agree(image_folder, tmp_path):
+    src = _label_folder_with_doubled_regions(tmp_path / 'fkd', image_folder)
     with pytest.raises(BankError, match='pass --regions N'):
         run_import(src, image_folder, tmp_path / 'a', 'hard')
     run_import(src, image_folder, tmp_path / 'b', 'hard', regions=REGIONS)
@@ -312,11 +317,7 @@ def test_regions_must_agree(image_folder, tmp_path):
 
 
 def test_failed_import_leaves_no_files(image_folder, tmp_path):
-    src = tmp_path / 'fkd'
-    stored = write_label_folder(src, image_folder, 'hard', fp16=False)
-    coords, flip, quantized = stored['fish/f1.png']
-    torch.save([np.concatenate([coords, coords]), np.concatenate([flip, flip]), np.concatenate([quantized] * 2)],
-               fkd_path(src, 'fish/f1.png'))
+    src = _label_folder_with_doubled_regions(tmp_path / 'fkd', image_folder)
     out = tmp_path / 'bank'
     with pytest.raises(BankError, match='pass --regions N'):
         run_import(src, image_folder, out, 'hard')
