@@ -100,6 +100,7 @@ def run_demo(cfg: DemoConfig) -> List[dict]:
     logs.mkdir(exist_ok=True)
     py = sys.executable
     holdout = 60000 - cfg.val_images
+    teacher_images = min(cfg.teacher_images or holdout, holdout)
     common = ['--data-dir', str(data_dir), '--dataset', 'torch/fashion_mnist', '--num-classes', '10',
               '--input-size', '1', '28', '28', '-j', str(cfg.workers), '--seed', str(cfg.seed), '--output', str(runs),
               '--log-interval', '40', '--opt', 'sgd', '--weight-decay', '5e-4', '--sched', 'cosine',
@@ -110,7 +111,8 @@ def run_demo(cfg: DemoConfig) -> List[dict]:
     if not (teacher_dir / 'model_best.pth.tar').is_file():
         _run('1/5 train the teacher', [
             py, '-m', 'train_ferkd', *common, '--model', cfg.teacher, '--experiment', 'teacher',
-            '--train-subset', str(min(cfg.teacher_images or holdout, holdout)), '--val-split', f'train[{holdout}:]', '--epochs', str(cfg.teacher_epochs),
+            '--train-subset', str(teacher_images), '--val-split', f'train[{holdout}:]',
+            '--epochs', str(cfg.teacher_epochs),
             '-b', str(cfg.batch_size),
             # no label smoothing: it flattens the teacher's probabilities, which is what students learn from
             '--lr', '0.1', '--scale', '0.35', '1', '--smoothing', '0'], logs / 'teacher.log')
@@ -151,8 +153,7 @@ def run_demo(cfg: DemoConfig) -> List[dict]:
     rows = [dict(method=name, description=desc, final=r.final_top1, best=r.best_top1)
             for (name, desc, _), r in zip(methods, loaded)]
     lines = [f'Fashion-MNIST demo: student {cfg.student} on {cfg.images} training images, teacher {cfg.teacher} '
-             f'(validation top-1 {teacher_run.best_top1:.2f}, trained on {min(cfg.teacher_images or holdout, holdout)} '
-             f'images), '
+             f'(validation top-1 {teacher_run.best_top1:.2f}, trained on {teacher_images} images), '
              f'{cfg.epochs * cfg.num_crops} crops seen per image, the same optimizer steps for every method, '
              f'top-1 on the 10,000 test images',
              f'{"method":<8} {"final top-1":>11} {"best top-1":>10}  description']
