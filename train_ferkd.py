@@ -16,7 +16,6 @@ import inspect
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -46,6 +45,7 @@ from timm_ferkd.data.calibration import CalibrationConfig
 from timm_ferkd.data.loader import create_region_loader
 from timm_ferkd.data.mixing import create_selfmix
 from timm_ferkd.data.source import stats_for_chans
+from timm_ferkd.data.splits import parse_split
 from timm_ferkd.errors import ConfigError, FerKDError
 from timm_ferkd.losses import DISTILL_LOSS_CLASSES, DISTILL_LOSS_TYPES
 from timm_ferkd.registration import register_with_timm
@@ -419,21 +419,9 @@ class _ImageRange(torch.utils.data.Subset):
         self.dataset.transform = value
 
 
-_SPLIT_RANGE = re.compile(r'^(?P<name>[^\[\]]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$')
-
-
-def _split_range(dataset_name: str, split: str) -> Tuple[str, Optional[slice]]:
-    """``'train[55000:]'`` -> ``('train', slice(55000, None))``; Hugging Face datasets slice splits themselves."""
-    match = _SPLIT_RANGE.match(split)
-    if match is None or dataset_name.lower().startswith(('hfds/', 'hfids/')):
-        return split, None
-    to_int = lambda v: int(v) if v else None  # noqa: E731
-    return match['name'], slice(to_int(match['start']), to_int(match['stop']))
-
-
 def _image_dataset(args: argparse.Namespace, flag: str, split: str, first: Optional[int], is_training: bool):
     """The timm dataset of ``split`` (``NAME[START:STOP]`` taking a range of it), then its first ``first`` images."""
-    split, split_range = _split_range(args.dataset, split)
+    split, split_range = parse_split(split, args.dataset, args.data_dir, flag)
     try:
         dataset = timm.data.create_dataset(
             args.dataset, root=args.data_dir, split=split, is_training=is_training, class_map=args.class_map,
@@ -604,7 +592,7 @@ def _train(args: argparse.Namespace, args_text: str) -> int:
 def _create_train_loader(args, data_config, device, bank):
     interpolation = data_config['interpolation']
     if bank is not None:
-        if _split_range(args.dataset, args.train_split)[1] is not None:
+        if parse_split(args.train_split, args.dataset, args.data_dir, '--train-split')[1] is not None:
             raise ConfigError(f'--train-split {args.train_split}: offline training uses the images its bank labels '
                               f'(generate --num-images N for the first N); pass the bank\'s split name')
         calibration = CalibrationConfig(

@@ -43,6 +43,8 @@ def test_verify_ok_mismatch_and_corruption(small_bank, fmnist_root, tmp_path, ca
     other = cli_in_process(capsys, 'verify', small_bank, '--data-dir', fmnist_root, '--split', 'validation',
                            check=False)
     assert other.returncode == 2 and 'bank was generated on 60000 images' in other.stderr
+    typo = cli_in_process(capsys, 'verify', small_bank, '--data-dir', fmnist_root, '--split', 'tset', check=False)
+    assert typo.returncode == 2 and 'timm would read it as the test split' in typo.stderr
     import shutil
     broken = tmp_path / 'broken'
     shutil.copytree(small_bank, broken)

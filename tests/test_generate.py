@@ -187,6 +187,8 @@ def test_changed_settings_refuse_to_mix(fmnist_root, teacher_checkpoint, referen
     (['--topk', '11'], '--topk 11'),
     (['--scale', '0.1', '1.5'], '--scale'),
     (['--temperature', '-1'], '--temperature'),
+    (['--split', 'trian'], 'timm would read it as the test split'),
+    (['--split', 'train[:100]'], 'a bank labels a whole split'),
 ])
 def test_bad_flags_exit_2_with_one_line(fmnist_root, teacher_checkpoint, tmp_path, capsys, extra, message):
     args = gen_args(fmnist_root, teacher_checkpoint, tmp_path / 'b', extra=extra)

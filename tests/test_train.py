@@ -226,7 +226,8 @@ def test_validation_on_a_held_out_range_of_the_training_split(fmnist_root, tmp_p
 
 
 @pytest.mark.parametrize('case', ['model', 'dataset', 'other_split', 'classes', 'crops', 'resume', 'kd_checkpoint',
-                                  'warmup', 'empty_range', 'sliced_bank_split'])
+                                  'warmup', 'empty_range', 'sliced_bank_split', 'val_split_typo', 'bank_split_typo',
+                                  'bad_range'])
 def test_bad_input_exits_2_before_training(fmnist_root, bank, tmp_path, capsys, case):
     junk = tmp_path / 'junk.pth.tar'
     junk.write_bytes(b'not a checkpoint')
@@ -241,12 +242,17 @@ def test_bad_input_exits_2_before_training(fmnist_root, bank, tmp_path, capsys, 
         'warmup': ('--soft-labels', bank, '--epochs', '3', '--warmup-epochs', '3'),
         'empty_range': ('--train-subset', '10', '--val-split', 'train[70000:]'),
         'sliced_bank_split': ('--soft-labels', bank, '--train-split', 'train[:100]'),
+        'val_split_typo': ('--train-subset', '10', '--val-split', 'tset'),
+        'bank_split_typo': ('--soft-labels', bank, '--train-split', 'trian'),
+        'bad_range': ('--train-subset', '10', '--val-split', 'train[59000:'),
     }[case]
     expected = {
         'model': 'unknown --model', 'dataset': 'no_such_set', 'other_split': 'bank was generated on',
         'classes': 'classes', 'crops': 'exceeds the bank', 'resume': 'cannot resume',
         'kd_checkpoint': 'is not a checkpoint of test_resnet', 'warmup': 'never leave warmup',
         'empty_range': 'selects no images', 'sliced_bank_split': 'images its bank labels',
+        'val_split_typo': 'timm would read it as the test split', 'bank_split_typo': 'timm would read it as the test',
+        'bad_range': 'is not NAME or NAME[START:STOP]',
     }[case]
     result = train_here(capsys, fmnist_root, tmp_path, '--experiment', case, *extra, check=False)
     assert result.returncode == 2, result.stderr[-2000:]

@@ -9,6 +9,7 @@ from timm.data import create_dataset
 from timm_ferkd.bank.format import DatasetIdentity
 from timm_ferkd.bank.identity import dataset_identity
 from timm_ferkd.data.cluttered import CLUTTERED_PREFIX, create_cluttered_dataset
+from timm_ferkd.data.splits import parse_split
 from timm_ferkd.errors import ConfigError
 
 __all__ = ['ImageSource', 'create_image_source', 'image_mode_for_chans', 'stats_for_chans']
@@ -94,6 +95,10 @@ def create_image_source(
     """
     if root is not None and not name.lower().startswith(('hfds/', 'hfids/')) and not os.path.exists(root):
         raise ConfigError(f'--data-dir {root} does not exist')
+    split_name, span = parse_split(split, name, root)
+    if span is not None:
+        raise ConfigError(f'--split {split!r}: a bank labels a whole split (its first N images with '
+                          f'generate --num-images N); give the split name {split_name!r}')
     try:
         if name.lower().startswith(CLUTTERED_PREFIX):
             dataset = create_cluttered_dataset(name, root, split, download=download, image_mode=image_mode, **kwargs)
