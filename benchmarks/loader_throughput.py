@@ -77,7 +77,8 @@ def make_bank(folder: Path, out: Path, num_classes: int, regions: int, workers: 
     torch.save(timm.create_model('test_resnet', num_classes=num_classes).state_dict(), checkpoint)
     return generate_bank(GenerateConfig(
         model='test_resnet', output=str(out), dataset='', data_dir=str(folder), checkpoint=str(checkpoint),
-        num_classes=num_classes, regions=regions, input_size=(3, 32, 32), workers=workers, device='cpu',
+        num_classes=num_classes, regions=regions, topk=min(5, num_classes), input_size=(3, 32, 32),
+        workers=workers, device='cpu',
         progress=False, batch_size=256, images_per_shard=1000))
 
 
