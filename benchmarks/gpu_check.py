@@ -55,12 +55,12 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = REPO / 'benchmarks'
 PACKAGES = ('torch', 'torchvision', 'timm', 'safetensors', 'huggingface_hub', 'numpy', 'pillow', 'pyyaml', 'tqdm',
             'pytest', 'pytest-xdist', 'setuptools', 'pip')
 PARTS = ('gpu', 'data', 'tests', 'train', 'generation', 'loader')
@@ -529,6 +529,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
+@contextmanager
+def work_folder(path: Optional[str]) -> Iterator[Path]:
+    """``path`` (created, kept), or a temporary folder removed afterwards."""
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix='ferkd-gpu-check-') as tmp:
+        yield Path(tmp)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
@@ -565,24 +576,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        'loader_throughput', 'pytest'):
             importlib.import_module(module)
 
-    tmp = None
-    if args.work_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix='ferkd-gpu-check-')
-        work = Path(tmp.name)
-    else:
-        work = Path(args.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
     outcomes: List[Outcome] = []
-    try:
+    with work_folder(args.work_dir) as work:
         for part in create_parts(args, preset, work):
             outcome = run_part(part, out, work, deadline)
             outcomes.append(outcome)
             if part.name in ('gpu', 'data') and not outcome.ok:
                 log(f'{part.name} did not succeed ({outcome.status}): nothing else can run')
                 break
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     seconds = time.monotonic() - start
     text = summary(args, outcomes, seconds)
     (out / 'summary.md').write_text(text)
