@@ -253,7 +253,8 @@ def data_folder(folder: Path, preset: Dict[str, object]) -> Callable[[Path], int
         from loader_throughput import make_jpeg_folder
         start = time.perf_counter()
         if sum(1 for _ in folder.rglob('*.jpg')) != preset['images']:  # a reused --work-dir keeps its folder
-            shutil.rmtree(folder, ignore_errors=True)
+            for stale in [folder, *folder.parent.glob('bank*')]:  # banks label the images they were made for
+                shutil.rmtree(stale, ignore_errors=True)
             make_jpeg_folder(folder, preset['images'], preset['width'], preset['height'], preset['classes'],
                              workers=preset['workers'])
         print(f'{preset["images"]} JPEGs of {preset["width"]}x{preset["height"]} in {preset["classes"]} classes at '
