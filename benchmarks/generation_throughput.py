@@ -35,7 +35,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from train_throughput import apply_presets, create_model, machine_facts, synchronize
+from train_throughput import apply_presets, create_model, machine_facts, synchronize, write_results
 
 PRESETS = {
     'cpu': dict(model='resnet18', input_size=112, num_images=64, regions=32, batch_size=256, workers=2,
@@ -160,6 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--width', type=int, default=None, help='synthetic JPEG width')
     parser.add_argument('--height', type=int, default=None, help='synthetic JPEG height')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (default 0: torch\'s choice)')
+    parser.add_argument('--results', default=None, metavar='FILE', help='also write the numbers to FILE (JSON)')
     parser.add_argument('--smoke', action='store_true', help='tiny, fast configuration for CI')
     args = parser.parse_args(argv)
     apply_presets(args, PRESETS)
@@ -211,6 +212,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         ('end to end', end_to_end / forward_rate), ('labelling loop', loop / forward_rate)))
     # end to end includes fixed costs (teacher creation, dataset scan, worker start) that large runs amortise
     print(f'goal: generate_bank >= 0.9 x forward only: {verdicts}')
+    if args.results:
+        write_results(args.results, {
+            'device': str(device), 'model': args.model, 'input_size': args.input_size, 'amp': args.amp,
+            'channels_last': args.channels_last, 'images': args.num_images, 'regions': args.regions,
+            'batch_size': args.batch_size, 'workers': args.workers, 'forward_regions_per_s': forward_rate,
+            'loop_regions_per_s': loop, 'end_to_end_regions_per_s': end_to_end, 'end_to_end_s': wall,
+            'loop_ratio': loop / forward_rate, 'end_to_end_ratio': end_to_end / forward_rate})
     if device.type == 'cpu':
         print(f'caveat: on CPU the {args.workers} decoding/cropping worker(s) and the teacher\'s '
               f'{torch.get_num_threads()} thread(s) share {os.cpu_count()} cores, so this ratio measures contention '

@@ -73,6 +73,14 @@ def machine_facts(device: torch.device) -> str:
             f'python {platform.python_version()}, device {device} ({name})')
 
 
+def write_results(path: str, results: object) -> None:
+    """Write a benchmark's numbers as JSON to ``path`` (atomically: a reader never sees half a file)."""
+    import json
+    tmp = Path(f'{path}.tmp')
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
+
+
 def apply_presets(args: argparse.Namespace, presets: Dict[str, Dict[str, object]]) -> str:
     """Fill the flags left at None from the preset of ``--smoke`` or of the device; return its name."""
     key = 'smoke' if args.smoke else ('cuda' if args.device.startswith('cuda') else 'cpu')
@@ -367,8 +375,8 @@ def verdict(ok: bool) -> str:
 
 
 def report(pair: Pair, rates: Dict[str, float], t: float, s: float, num_crops: int,
-           ratios: Sequence[float]) -> None:
-    """Print one pair's table, ratios (with their spread over repeats) and goals."""
+           ratios: Sequence[float]) -> Dict[str, object]:
+    """Print one pair's table, ratios (with their spread over repeats) and goals; return the numbers."""
     plain, online, ours = rates['plain'], rates['online'], rates['ferkd']
     bound = 1 + t / s
     print(f'\npair {pair}: teacher forward {t * 1e3:.1f} ms/batch, student step {s * 1e3:.1f} ms/batch '
@@ -389,6 +397,9 @@ def report(pair: Pair, rates: Dict[str, float], t: float, s: float, num_crops: i
     print(f'ours/plain = {mean:.2f} (goal >= 1.0: {verdict(mean >= 1.0)}); '
           f'ours/online = {ours / online:.2f} = {fraction:.2f} x bound {bound:.2f} '
           f'(goal >= 0.9 x bound: {verdict(fraction >= 0.9)})', flush=True)
+    return {'pair': str(pair), 'teacher': pair.teacher, 'student': pair.student, 'crops_per_s': dict(rates),
+            'teacher_forward_s': t, 'student_step_s': s, 'bound': bound, 'ours_plain': mean,
+            'ours_plain_repeats': list(ratios), 'ours_online': ours / online, 'fraction_of_bound': fraction}
 
 
 def report_profile(student: str, plain: Dict[str, float], ours: Dict[str, float]) -> None:
@@ -433,6 +444,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help='measure plain and ferkd this many times, alternating, and report the spread')
     parser.add_argument('--profile', action='store_true',
                         help='also profile plain and ferkd steps with torch.profiler and print ms per phase')
+    parser.add_argument('--results', default=None, metavar='FILE', help='also write the numbers to FILE (JSON)')
     parser.add_argument('--smoke', action='store_true', help='tiny, fast configuration for CI')
     args = parser.parse_args(argv)
     apply_presets(args, PRESETS)
@@ -463,6 +475,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # plain and ferkd depend only on the student: measured once per student, --repeats times, alternating
     # which goes first so that a drift of the machine's speed does not favour one
     per_student: Dict[str, Tuple[Dict[str, float], List[float]]] = {}
+    results = []
     for pair in pairs:
         bank_teacher = pair.teacher if args.bank_teacher == 'pair' else args.bank_teacher
         bank = prepare_bank(folder, base / f'bank-{bank_teacher}', bank_teacher, args, device)
@@ -483,7 +496,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         rates, ratios = per_student[pair.student]
         rates = dict(rates, online=run_online(folder, pair, args, device))
         t, s = compute_times(pair, args, device)
-        report(pair, rates, t, s, args.num_crops, ratios)
+        results.append(report(pair, rates, t, s, args.num_crops, ratios))
+        if args.results:  # after every pair, so a run stopped early keeps the pairs it finished
+            write_results(args.results, {'device': str(device), 'input_size': args.input_size,
+                                         'batch_size': args.batch_size, 'workers': args.workers,
+                                         'num_crops': args.num_crops, 'amp': args.amp, 'pairs': results})
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -3,8 +3,10 @@
 Only the shape of the output is checked (exit status, table header, ratio / goal lines), never a
 timing: CI machines are too noisy for that. The numbers come from full runs (benchmarks/README.md).
 """
+import json
 import subprocess
 import sys
+import time
 
 from conftest import REPO
 
@@ -67,3 +69,40 @@ def test_scaling(fmnist_root):
     # the 2-process bank is byte-identical to the 1-process one
     generation = out.split('same bytes')[1].split('training:')[0]
     assert generation.split() and generation.split()[-1] == 'yes' and 'NO' not in generation
+
+
+def test_gpu_check(tmp_path):
+    # the device machine's one command at toy size on the CPU: every part runs, the CUDA tests are collected
+    # and skipped, the tables land in --out
+    out_dir = tmp_path / 'out'
+    out = run_benchmark('gpu_check.py', '--device', 'cpu', '--no-install', '--out', out_dir)
+    results = json.loads((out_dir / 'results.json').read_text())
+    parts = {p['name']: p for p in results['parts']}
+    assert list(parts) == ['gpu', 'data', 'tests', 'train', 'generation test_resnet', 'loader']
+    assert all(p['status'] == 'ok' for p in parts.values()), results['parts']
+    tests = parts['tests']['results']
+    assert tests['passed'] == tests['failed'] == tests['error'] == 0 and tests['skipped'] >= 10
+    assert all('needs a CUDA GPU' in reason for reason in tests['skips'])
+    summary = (out_dir / 'summary.md').read_text()
+    for target in ('tests marked cuda', 'offline step vs plain timm', 'offline vs online KD',
+                   'generation vs forward only', 'loader crops/s per worker vs timm'):
+        assert summary.count(target) == 1 and target in out, target
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        ['versions.txt', 'tests.txt', 'train.txt', 'generation.txt', 'loader.txt', 'summary.md', 'results.json'])
+    assert out.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary is printed last
+
+    # a part over its limit is killed with its process group, one past the budget is skipped
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    sleeper = gpu_check.Part('sleeper', 'sleeper.txt', 0.5, lambda results: time.sleep(60))
+    start = time.monotonic()
+    killed = gpu_check.run_part(sleeper, tmp_path, tmp_path, deadline=start + 60)
+    assert killed.status.startswith('killed after') and time.monotonic() - start < 10
+    failing = gpu_check.Part('failing', 'failing.txt', 30, lambda results: 1 / 0)
+    assert gpu_check.run_part(failing, tmp_path, tmp_path, deadline=start + 60).status == 'failed (exit 1)'
+    assert 'ZeroDivisionError' in (tmp_path / 'failing.txt').read_text()
+    skipped = gpu_check.run_part(sleeper, tmp_path, tmp_path, deadline=time.monotonic() + 1)
+    assert skipped.status.startswith('skipped: ') and skipped.seconds == 0
